@@ -1,0 +1,225 @@
+"""``node-agent``: cache a shard, train with a chosen loader, measure, compare.
+
+Exit codes (DESIGN section 6): 0 success; 2 usage errors, unknown or incompatible
+loader/format, unavailable loader, missing dataset; 1 failures during the run.
+Errors are one line without a traceback unless ``--debug``.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from node.errors import RunFailed, UsageError
+from shared.storage import redact
+
+DEFAULT_CACHE = "./.cache/formatlab"
+DEFAULT_RESULTS = "./results"
+
+
+def _loader_names() -> list[str]:
+    from node.loaders import LOADERS
+
+    return list(LOADERS)
+
+
+def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the project's errors into one line and the contract's exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().find_root().params.get("debug") or kwargs.get("debug")
+        try:
+            return fn(*args, **kwargs)
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException:
+            raise
+        except UsageError as exc:
+            _fail(exc, 2, debug)
+        except RunFailed as exc:
+            _fail(exc, 1, debug)
+        except KeyboardInterrupt:
+            click.echo("node-agent: interrupted", err=True)
+            sys.exit(1)
+        except Exception as exc:  # noqa: BLE001 - one line unless --debug
+            _fail(exc, 1, debug, prefix=f"{type(exc).__name__}: ")
+
+    return wrapper
+
+
+def _fail(exc: BaseException, code: int, debug: bool, prefix: str = "") -> None:
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    click.echo(f"node-agent: error: {redact(prefix + text)}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+def cli(debug: bool) -> None:
+    """Measure dataset formats and loaders for PyTorch image classification."""
+
+
+# ----------------------------------------------------------------------------- options
+
+def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--store, --dataset, --storage-options: where the converted dataset lives."""
+    fn = click.option("--storage-options", metavar="JSON",
+                      help="fsspec options for --store/--results (S3 endpoint, keys); "
+                           "the AWS environment is used otherwise.")(fn)
+    fn = click.option("--dataset", required=True, help="Dataset name in the store.")(fn)
+    fn = click.option("--store", required=True, metavar="URL",
+                      help="The store that prep/convert.py wrote (path or s3://...).")(fn)
+    return fn
+
+
+def rank_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--rank/--world-size, defaulting to torchrun's or Slurm's environment."""
+    fn = click.option("--world-size", type=click.IntRange(min=1), default=None,
+                      help="Number of ranks (default: WORLD_SIZE or SLURM_NTASKS, else 1).")(fn)
+    fn = click.option("--rank", type=click.IntRange(min=0), default=None,
+                      help="This node's rank (default: RANK or SLURM_PROCID, else 0).")(fn)
+    return fn
+
+
+def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options shared by ``run``, ``bench`` and ``matrix``."""
+    from node.train import MODELS
+
+    opts = [
+        click.option("--cache", default=DEFAULT_CACHE, show_default=True, metavar="DIR",
+                     help="Local cache directory (fast local disk, e.g. NVMe)."),
+        click.option("--results", default=DEFAULT_RESULTS, show_default=True, metavar="URL",
+                     help="Results store (path or s3://...)."),
+        click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=256,
+                     show_default=True),
+        click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+                     help="DataLoader worker processes (CPU loaders)."),
+        click.option("--model", type=click.Choice(MODELS), default=None,
+                     help="Model (default: convnet on CPU, resnet18 on CUDA)."),
+        click.option("--optimizer", type=click.Choice(["sgd", "rmsprop"]), default="sgd",
+                     show_default=True),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Learning rate (default: 0.05 for sgd, 0.001 for rmsprop)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                     show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--max-steps", type=click.IntRange(min=1), default=None,
+                     help="Stop each epoch after this many steps."),
+        click.option("--cold", is_flag=True,
+                     help="Evict the cached files from the page cache before each epoch."),
+        click.option("--no-cache", is_flag=True,
+                     help="Read straight from the store (zarr only)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return rank_options(store_options(fn))
+
+
+# ----------------------------------------------------------------------------- commands
+
+@cli.command("loaders")
+@_handle_errors
+def loaders_cmd() -> None:
+    """Table of loaders: formats, device, whether available here and why not."""
+    from node.commands import print_loaders
+
+    print_loaders()
+
+
+@cli.command("cache")
+@store_options
+@rank_options
+@click.option("--format", "format_id", required=True, help="Format id to cache.")
+@click.option("--cache", default=DEFAULT_CACHE, show_default=True, metavar="DIR",
+              help="Local cache directory.")
+@_handle_errors
+def cache_cmd(**kwargs: Any) -> None:
+    """Fetch this rank's shards of one format (and the val split) to the cache."""
+    from node.commands import cache
+
+    cache(**kwargs)
+
+
+@cli.command("run")
+@run_options
+@click.option("--format", "format_id", required=True, help="Format id to read.")
+@click.option("--loader", required=True, help="Loader name; see `node-agent loaders`.")
+@_handle_errors
+def run_cmd(**kwargs: Any) -> None:
+    """Cache, train with one loader, measure, and append the results."""
+    from node.runner import RunConfig, run
+
+    record = run(RunConfig.from_cli(mode="train", **kwargs))
+    if record.get("status") != "ok":
+        raise RunFailed(record.get("error") or "run failed")
+
+
+@cli.command("bench")
+@run_options
+@click.option("--format", "format_id", required=True, help="Format id to read.")
+@click.option("--loader", required=True, help="Loader name; see `node-agent loaders`.")
+@click.option("--emulate-step-ms", type=click.FloatRange(min=0), default=None,
+              help="Sleep this long per step, standing in for an accelerator's step.")
+@_handle_errors
+def bench_cmd(emulate_step_ms: float | None, **kwargs: Any) -> None:
+    """Loader throughput alone (no model), every step timed; optional emulated step."""
+    from node.runner import RunConfig, run
+
+    record = run(RunConfig.from_cli(mode="bench", emulate_step_ms=emulate_step_ms, **kwargs))
+    if record.get("status") != "ok":
+        raise RunFailed(record.get("error") or "bench failed")
+
+
+@cli.command("matrix")
+@run_options
+@click.option("--loaders", "loader_list", default="all", show_default=True,
+              help="Comma-separated loaders to try.")
+@click.option("--formats", "format_list", default="all", show_default=True,
+              help="Comma-separated formats to try (from the dataset's manifest).")
+@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Run every pair this many times.")
+@click.option("--bench", "bench_mode", is_flag=True,
+              help="Measure loader throughput alone (no model), like `bench`.")
+@click.option("--emulate-step-ms", type=click.FloatRange(min=0), default=None,
+              help="With --bench: emulated accelerator step per batch.")
+@_handle_errors
+def matrix_cmd(**kwargs: Any) -> None:
+    """Run every loader x format pair that fits and can run here."""
+    from node.commands import matrix
+
+    matrix(**kwargs)
+
+
+@cli.command("report")
+@click.option("--results", default=DEFAULT_RESULTS, show_default=True, metavar="URL",
+              help="Results store to read.")
+@click.option("--out", default="./report", show_default=True, metavar="DIR",
+              help="Where to write Markdown, CSV and PNG charts.")
+@click.option("--max-bytes", type=click.IntRange(min=1), default=None,
+              help="Disk budget for the budget recommendation (bytes).")
+@click.option("--storage-options", metavar="JSON", help="fsspec options for --results.")
+@_handle_errors
+def report_cmd(**kwargs: Any) -> None:
+    """Comparison tables, charts and a recommendation from the results store."""
+    from node.report import report
+
+    report(**kwargs)
+
+
+def main() -> None:
+    """Console entry point."""
+    cli(prog_name="node-agent")
+
+
+if __name__ == "__main__":
+    main()

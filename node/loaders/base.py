@@ -1,0 +1,173 @@
+"""The contract every loader keeps, and the pieces they share.
+
+A loader turns the node's cached shards of one format into batches on the training
+device: ``images`` uint8 NHWC and ``labels`` int64 (plus the samples' positions, so
+tests and telemetry can check that every sample came exactly once). Normalisation and
+augmentation happen afterwards, identically for every loader.
+
+Sample order: the rank's samples form one sequence ``0..n-1`` (its shards' ranges in
+manifest order). Each epoch draws one permutation of it from ``(seed, epoch)`` with
+:func:`epoch_permutation`; batches are consecutive chunks of it. A loader may
+reorder samples *within* a batch (e.g. sorted gathers) but not across batches.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from shared.formats import Format
+
+
+class LoaderUnavailable(RuntimeError):
+    """The loader cannot run on this machine; the message is one line saying why."""
+
+
+@dataclass(frozen=True)
+class ShardSlice:
+    """A range of one shard's samples assigned to this rank, ready to read.
+
+    Attributes:
+        location: the local shard folder (or, for ``--no-cache`` zarr, the shard's URL).
+        keys, labels: the whole shard's index columns, in shard order.
+        files: per-sample file names (file formats), else None.
+        start, stop: the rank's sample range inside the shard.
+    """
+
+    location: str
+    labels: np.ndarray
+    files: tuple[str, ...] | None
+    start: int
+    stop: int
+    keys: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """What a loader is built from; the same for every loader in a comparison."""
+
+    fmt: Format
+    shards: tuple[ShardSlice, ...]
+    batch_size: int
+    workers: int
+    seed: int
+    device: torch.device
+    image_shape: tuple[int, int, int]
+    shuffle: bool = True
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(len(s) for s in self.shards)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Labels of the rank's samples in sequence order."""
+        if not self.shards:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([s.labels[s.start:s.stop] for s in self.shards]).astype(np.int64)
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Map rank positions to (shard number, index inside that shard)."""
+        bounds = np.cumsum([0] + [len(s) for s in self.shards])
+        shard_no = np.searchsorted(bounds, positions, side="right") - 1
+        starts = np.array([s.start for s in self.shards], dtype=np.int64)
+        return shard_no, positions - bounds[shard_no] + starts[shard_no]
+
+
+@dataclass
+class Batch:
+    """One batch on the training device.
+
+    Attributes:
+        images: uint8 (N, H, W, C).
+        labels: int64 (N,).
+        positions: int64 (N,) on the CPU, each sample's place in the rank's sequence.
+        bytes_read: bytes the loader read from storage for this batch.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    positions: torch.Tensor
+    bytes_read: int = 0
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The rank's sample order for ``epoch``: same seed and epoch, same order."""
+    if not shuffle:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng([seed, epoch])
+    return rng.permutation(n).astype(np.int64)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int,
+                  shuffle: bool = True) -> list[np.ndarray]:
+    """The epoch's batches of positions; the last may be smaller."""
+    order = epoch_permutation(n, seed, epoch, shuffle)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+class Loader(abc.ABC):
+    """A data path from cached shards to batches on the training device.
+
+    Subclasses set ``name``, ``device_kind`` (``"cpu"`` or ``"cuda"``), ``summary``
+    and implement :meth:`supports`, :meth:`epoch`; GPU loaders also
+    :meth:`unavailable_reason`.
+    """
+
+    name: ClassVar[str]
+    device_kind: ClassVar[str] = "cpu"
+    formats_help: ClassVar[str] = ""  # for `node-agent loaders`, e.g. "npy"
+    io_path: str = "host"
+
+    def __init__(self, config: LoaderConfig) -> None:
+        self.config = config
+
+    @classmethod
+    @abc.abstractmethod
+    def supports(cls, fmt: Format) -> bool:
+        """Whether this loader can read ``fmt``."""
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """None when the loader can run here, else one line saying why not."""
+        return None
+
+    def check_fits(self) -> None:
+        """Raise :class:`LoaderUnavailable` when the data cannot fit (e.g. VRAM)."""
+
+    def __len__(self) -> int:
+        n, b = self.config.num_samples, self.config.batch_size
+        return (n + b - 1) // b
+
+    @abc.abstractmethod
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """Yield the epoch's batches in order (see module docstring)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release workers, files and device memory."""
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        c = self.config
+        return epoch_batches(c.num_samples, c.batch_size, c.seed, epoch, c.shuffle)
+
+
+def to_device(images: torch.Tensor, labels: torch.Tensor,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a host batch to ``device`` (non-blocking from pinned memory)."""
+    if device.type == "cpu":
+        return images, labels
+    return (images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+
+
+def shard_dirs(config: LoaderConfig) -> Sequence[Path]:
+    return [Path(s.location) for s in config.shards]

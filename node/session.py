@@ -1,0 +1,212 @@
+"""The body of one measured run, from cache to results rows."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from node.errors import UsageError
+from node.runner import RunConfig, build_loader, fill_cache, host_name
+from node.cache import remote_slices
+from node.telemetry import (Sampler, evict_page_cache, gpu_name, hardware_info,
+                            page_cache_fits, versions_info)
+from shared.formats import Format
+from shared.manifest import Manifest
+from shared.results import new_id, utc_now, write_rows
+from shared.storage import Store, redact
+
+DEFAULT_MODEL = {"cpu": "convnet", "cuda": "resnet18"}
+
+
+@dataclass
+class RunSession:
+    """One run: everything resolved, nothing measured yet."""
+
+    config: RunConfig
+    store: Store
+    manifest: Manifest
+    fmt: Format
+    loader_cls: type
+    device: torch.device
+    rank: int
+    world_size: int
+    results: Store
+    quiet: bool = False
+    run_id: str = field(default_factory=new_id)
+
+    def execute(self) -> dict[str, Any]:
+        """Cache, load, train or bench, and write the rows; returns the ``runs`` row."""
+        cfg = self.config
+        started = utc_now()
+        row: dict[str, Any] = self._base_row(started)
+        epochs: list[dict[str, Any]] = []
+        loaders: list[Any] = []
+        ddp = self._init_distributed()
+        try:
+            fill = self._cache()
+            row.update(cache_time_s=fill.stats.seconds, cache_bytes=fill.stats.bytes_total,
+                       fits_in_ram=page_cache_fits(fill.stats.bytes_total))
+            train = build_loader(self.loader_cls, self.fmt, fill.train, self.manifest, cfg,
+                                 self.device, shuffle=True, options=self.store.storage_options)
+            loaders.append(train)
+            val = None
+            if fill.val and cfg.mode == "train":
+                val = build_loader(self.loader_cls, self.fmt, fill.val, self.manifest, cfg,
+                                   self.device, shuffle=False,
+                                   options=self.store.storage_options)
+                loaders.append(val)
+            cached_paths = fill.stats.paths
+
+            def before_epoch(epoch: int) -> None:
+                if cfg.cold and cached_paths:
+                    evict_page_cache(cached_paths)
+
+            with Sampler(gpu=self.device.type == "cuda") as sampler:
+                result = self._fit(train, val, sampler, before_epoch, ddp)
+            epochs = result.epochs
+            row.update(result.run_columns())
+            row["io_path"] = getattr(train, "io_path", "host")
+            row["status"] = "ok"
+        except UsageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - recorded as a failed run
+            row["status"] = "failed"
+            row["error"] = redact(f"{type(exc).__name__}: {exc}")
+        finally:
+            for loader in loaders:
+                _close_quietly(loader)
+            row["finished_at"] = utc_now()
+            if ddp:
+                torch.distributed.destroy_process_group()
+        self._write(row, epochs)
+        if not self.quiet:
+            print_summary(row, epochs)
+        return row
+
+    # ------------------------------------------------------------------ steps
+
+    def _base_row(self, started: Any) -> dict[str, Any]:
+        cfg = self.config
+        model = cfg.model or DEFAULT_MODEL[self.device.type]
+        return {
+            "run_id": self.run_id, "started_at": started, "status": "failed",
+            "host": host_name(), "rank": self.rank, "world_size": self.world_size,
+            "dataset": self.manifest.name, "format": self.fmt.id, "loader": cfg.loader,
+            "device": str(self.device), "gpu_name": gpu_name() if self.device.type == "cuda"
+            else None,
+            "io_path": getattr(self.loader_cls, "io_path", "host"),
+            "model": model if cfg.mode == "train" else (
+                f"emulated-{cfg.emulate_step_ms:g}ms" if cfg.emulate_step_ms else "none"),
+            "epochs": cfg.epochs, "batch_size": cfg.batch_size, "workers": cfg.workers,
+            "image_size": self.manifest.height, "versions": versions_info(),
+            "config": cfg.public() | {"model": model, "rank": self.rank,
+                                      "world_size": self.world_size},
+            "hardware": hardware_info(Path(cfg.cache)), "repeat": cfg.repeat,
+            "mode": cfg.mode, "emulated_step_ms": cfg.emulate_step_ms,
+        }
+
+    def _init_distributed(self) -> bool:
+        if self.world_size <= 1 or "MASTER_ADDR" not in os.environ:
+            return False
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
+        return True
+
+    def _cache(self) -> Any:
+        cfg = self.config
+        if cfg.no_cache:
+            from node.cache import CacheStats, assign, val_split
+            from node.runner import CacheFill
+
+            train_ranges = assign(self.manifest, self.fmt.id, "train", self.rank,
+                                  self.world_size)
+            val_name = val_split(self.manifest)
+            val_ranges = (assign(self.manifest, self.fmt.id, val_name)
+                          if val_name and self.rank == 0 else [])
+            t0 = time.perf_counter()
+            train = remote_slices(self.store, self.manifest, train_ranges)
+            val = remote_slices(self.store, self.manifest, val_ranges)
+            return CacheFill(train, val, val_name, CacheStats(seconds=time.perf_counter() - t0))
+        return fill_cache(self.store, self.manifest, self.fmt.id, cfg.cache, self.rank,
+                          self.world_size, progress=not self.quiet)
+
+    def _fit(self, train: Any, val: Any, sampler: Sampler, before_epoch: Any,
+             ddp: bool) -> Any:
+        cfg = self.config
+        if cfg.mode == "bench":
+            from node.bench import Bencher
+
+            bencher = Bencher(device=self.device, sampler=sampler, max_steps=cfg.max_steps,
+                              cold=cfg.cold, emulate_step_ms=cfg.emulate_step_ms)
+            return bencher.fit(train, cfg.epochs, before_epoch=before_epoch)
+        from node.train import Trainer
+
+        trainer = Trainer.build(
+            model=cfg.model or DEFAULT_MODEL[self.device.type],
+            num_classes=len(self.manifest.class_names), image_size=self.manifest.height,
+            device=self.device, seed=cfg.seed, optimizer=cfg.optimizer, lr=cfg.lr, ddp=ddp,
+            rank=self.rank, sampler=sampler, max_steps=cfg.max_steps, cold=cfg.cold)
+        return trainer.fit(train, cfg.epochs, val_loader=val, before_epoch=before_epoch)
+
+    def _write(self, row: dict[str, Any], epochs: list[dict[str, Any]]) -> None:
+        if epochs:
+            write_rows(self.results, "epochs",
+                       [{"run_id": self.run_id, **e} for e in epochs], file_id=self.run_id)
+        write_rows(self.results, "runs", [row], file_id=self.run_id)
+
+
+def _close_quietly(loader: Any) -> None:
+    try:
+        loader.close()
+    except Exception:  # noqa: BLE001 - closing must not hide the run's outcome
+        pass
+
+
+def print_summary(row: dict[str, Any], epochs: list[dict[str, Any]]) -> None:
+    """One screen: the run's figures and a line per epoch."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=False)
+    title = (f"{row['dataset']} / {row['format']} / {row['loader']} on {row['device']} "
+             f"({row['model']}): {row['status']}")
+    table = Table(title=title)
+    for col in ("epoch", "cold", "time s", "data s", "compute s", "img/s", "loss", "train acc",
+                "val acc", "peak RAM MiB", "CPU %"):
+        table.add_column(col, justify="right")
+    for e in epochs:
+        table.add_row(str(e["epoch"]), "yes" if e["cold"] else "", _f(e["epoch_time_s"], 2),
+                      _f(e["data_time_s"], 2), _f(e["compute_time_s"], 2),
+                      _f(e["throughput_img_s"], 0), _f(e.get("train_loss"), 3),
+                      _f(e.get("train_accuracy"), 3), _f(e.get("val_accuracy"), 3),
+                      _f((e.get("peak_ram_bytes") or 0) / 2**20, 0),
+                      _f(e.get("cpu_util_mean_pct"), 0))
+    console.print(table)
+    if row["status"] != "ok":
+        console.print(f"[red]failed:[/red] {row.get('error')}")
+        return
+    vram = row.get("peak_vram_bytes")
+    console.print(
+        f"total {_f(row.get('total_time_s'), 2)} s, cache {_f(row.get('cache_time_s'), 2)} s, "
+        f"throughput {_f(row.get('throughput_img_s'), 0)} img/s, data wait "
+        f"{_f(100 * (row.get('data_wait_fraction') or 0), 1)}%, accelerator utilisation "
+        f"{_f(100 * (row.get('accelerator_utilization') or 0), 1)}%, io_path {row.get('io_path')}, "
+        f"bytes read {row.get('bytes_read') or 0:,}"
+        + (f", peak VRAM {vram / 2**30:.2f} GiB" if vram else "")
+        + (f", val accuracy {row['val_accuracy']:.3f} (F1 {row['val_f1']:.3f})"
+           if row.get("val_accuracy") is not None else ""))
+    console.print(f"run_id {row['run_id']}")
+
+
+def _f(value: Any, digits: int) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"

@@ -1,0 +1,349 @@
+"""Convert a raw image dataset once into every storage format, as a Ray job.
+
+    python prep/convert.py --source cifar10 --src cifar-10-python.tar.gz --dst ./store
+    ray job submit --working-dir . -- python prep/convert.py --source image-folder \\
+        --src s3://raw/masks --dst s3://formatlab/store --name masks --size 512
+
+Exit 0: manifest committed. Exit 2: bad arguments or unreadable source (one line).
+Exit 1: the job failed; committed shards stay, and a re-run converts only the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prep.plan import ShardPlan, ShardResult, convert_shard, default_shard_samples, plan_shards
+from prep.sources import SOURCES, SourceError, get_source
+from shared.formats import CATALOG, UnknownFormat, parse_format_list
+from shared.manifest import (FormatEntry, Manifest, ManifestError, Reject, ShardEntry,
+                             SplitEntry)
+from shared.results import new_id, utc_now, write_rows
+from shared.storage import (BadStorageOptions, StorageError, Store, parse_storage_options,
+                            redact, redact_url)
+
+DEFAULT_MAX_REJECTS = 1000
+
+
+class UsageError(Exception):
+    """Bad arguments: exit 2 with one line."""
+
+
+class JobFailed(Exception):
+    """The conversion failed: exit 1 with one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of DESIGN section 6."""
+    p = argparse.ArgumentParser(
+        prog="prep/convert.py",
+        description="Convert a raw image dataset into every storage format (a Ray job).")
+    p.add_argument("--source", required=True, choices=sorted(SOURCES),
+                   help="kind of raw dataset")
+    p.add_argument("--src", required=True, metavar="URL",
+                   help="the raw dataset: archive or folder, any fsspec URL")
+    p.add_argument("--dst", required=True, metavar="URL",
+                   help="the store to write <name>/ into, any fsspec URL")
+    p.add_argument("--name", help="dataset name in the store (default: the source kind)")
+    p.add_argument("--size", type=_positive_int, metavar="N",
+                   help="resize shorter side to N and centre-crop to NxN "
+                        "(default: native size; required for image-folder)")
+    p.add_argument("--formats", default="all", metavar="all|ID,ID,...",
+                   help=f"formats to write; catalog: {', '.join(CATALOG)}; "
+                        "also jpeg-qN and webp-qN for N in 1..100")
+    p.add_argument("--shard-samples", type=_positive_int, metavar="N",
+                   help="samples per shard (default: about 64 MiB of decoded pixels)")
+    p.add_argument("--val-fraction", type=_fraction, default=0.1, metavar="F",
+                   help="image-folder without split folders: share of images for val")
+    p.add_argument("--max-rejects", type=_nonneg_int, default=DEFAULT_MAX_REJECTS,
+                   metavar="N", help="fail the job when more inputs than this are rejected")
+    p.add_argument("--results", metavar="URL",
+                   help="results store: add the figures to its conversions table")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
+    p.add_argument("--limit", type=_positive_int, metavar="N",
+                   help="convert at most N samples per split (a trial run)")
+    p.add_argument("--storage-options", metavar="JSON",
+                   help="fsspec options for --src, --dst and --results (e.g. S3 endpoint "
+                        "and keys); the AWS environment is used otherwise")
+    p.add_argument("--address", metavar="RAY_ADDRESS",
+                   help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray); "
+                        "'inline' runs the tasks in this process without Ray")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+# --------------------------------------------------------------------------- executors
+
+
+class InlineExecutor:
+    """Runs shard tasks one after another in this process (no Ray start-up cost)."""
+
+    workers = 1
+
+    def map(self, fn: Callable[..., ShardResult], plans: Sequence[ShardPlan],
+            **kwargs: Any) -> Iterator[ShardResult]:
+        for plan in plans:
+            yield fn(plan=plan, **kwargs)
+
+    def shutdown(self) -> None:
+        pass
+
+
+class RayExecutor:
+    """One Ray task per shard, retried on failure; results as they complete."""
+
+    def __init__(self, address: str | None) -> None:
+        import ray
+
+        repo = str(Path(__file__).resolve().parents[1])
+        kwargs: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True}
+        joining = bool(address or os.environ.get("RAY_ADDRESS"))
+        if not joining:
+            # A local Ray started here: its workers import prep/shared from this checkout.
+            kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": repo}}
+            kwargs["include_dashboard"] = False
+        ray.init(address=address, **kwargs)
+        self._ray = ray
+        self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self._task = ray.remote(max_retries=3, retry_exceptions=True)(convert_shard)
+
+    def map(self, fn: Callable[..., ShardResult], plans: Sequence[ShardPlan],
+            **kwargs: Any) -> Iterator[ShardResult]:
+        ray = self._ray
+        shared = {k: ray.put(v) if k == "source" else v for k, v in kwargs.items()}
+        pending = [self._task.remote(plan=plan, **shared) for plan in plans]
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                yield ray.get(done[0])
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+
+    def shutdown(self) -> None:
+        self._ray.shutdown()
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run(args: argparse.Namespace) -> Manifest:
+    """Plan, convert and commit; returns the committed manifest."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    options = parse_storage_options(args.storage_options)
+    formats = parse_format_list(args.formats)
+    name = args.name or args.source
+    if args.source == "image-folder" and args.size is None:
+        raise UsageError("--size is required for --source image-folder")
+
+    source_kwargs = {"val_fraction": args.val_fraction} if args.source == "image-folder" else {}
+    source = get_source(args.source, args.src, options, **source_kwargs)
+    listing = source.list()
+    for note in listing.notes:
+        console.print(f"[dim]{note}[/dim]")
+    size = args.size or listing.native_size
+    if size is None:
+        raise UsageError(f"--size is required: source {args.source} has no native size")
+    shard_samples = args.shard_samples or default_shard_samples(size, size)
+    plans = plan_shards(listing.items, args.seed, shard_samples, args.limit)
+    if not plans:
+        raise UsageError(f"no samples found in {redact_url(args.src)}")
+
+    dst = Store.open(args.dst, options)
+    listing_rejects = [Reject(key=k, reason=r) for k, r in listing.rejects]
+    started = time.perf_counter()
+    executor = InlineExecutor() if args.address == "inline" else RayExecutor(args.address)
+    try:
+        results = _run_tasks(executor, plans, source, args, options, name, formats, size,
+                             max_rejects=args.max_rejects - len(listing_rejects),
+                             console=console)
+        workers = executor.workers
+    finally:
+        executor.shutdown()
+    wall = time.perf_counter() - started
+
+    manifest = _manifest(args, name, listing, size, shard_samples, formats, results,
+                         listing_rejects)
+    manifest.save(dst)
+    _report(console, manifest, results, wall)
+    if args.results:
+        _write_conversions(args.results, options, manifest, results, wall, workers, formats)
+    return manifest
+
+
+def _run_tasks(executor: Any, plans: Sequence[ShardPlan], source: Any,
+               args: argparse.Namespace, options: dict, name: str, formats: list,
+               size: int, *, max_rejects: int, console: Any) -> list[ShardResult]:
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn)
+
+    results: list[ShardResult] = []
+    rejected = 0
+    total_images = sum(len(p.items) for p in plans)
+    t0 = time.perf_counter()
+    with Progress(TextColumn("[bold]convert[/bold]"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("shards  {task.fields[rate]}"), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        task = progress.add_task("shards", total=len(plans), rate="")
+        images = 0
+        for result in executor.map(convert_shard, plans, source=source, dst_url=args.dst,
+                                   storage_options=options, dataset=name,
+                                   format_ids=[f.id for f in formats], size=size):
+            results.append(result)
+            rejected += len(result.rejects)
+            images += result.samples + len(result.rejects)
+            rate = images / max(time.perf_counter() - t0, 1e-9)
+            progress.update(task, advance=1,
+                            rate=f"{images}/{total_images} images, {rate:,.0f} img/s")
+            if rejected > max_rejects:
+                raise JobFailed(f"more than {args.max_rejects} inputs rejected "
+                                f"(last: {result.rejects[-1].key}: {result.rejects[-1].reason}); "
+                                "committed shards stay; see --max-rejects")
+    return results
+
+
+def _manifest(args: argparse.Namespace, name: str, listing: Any, size: int,
+              shard_samples: int, formats: list, results: list[ShardResult],
+              listing_rejects: list[Reject]) -> Manifest:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        tool_version = version("formatlab")
+    except PackageNotFoundError:
+        tool_version = "unknown"
+    results = sorted(results, key=lambda r: (r.split, r.index))
+    split_counts: dict[str, int] = {}
+    for r in results:
+        split_counts[r.split] = split_counts.get(r.split, 0) + r.samples
+    format_entries = []
+    for fmt in formats:
+        shards: list[ShardEntry] = [r.entries[fmt.id] for r in results]
+        format_entries.append(FormatEntry(
+            id=fmt.id, kind=fmt.kind.value, params=dict(fmt.params), shards=tuple(shards),
+            total_bytes=sum(s.bytes for s in shards),
+            conversion_time_s=round(sum(r.encode_time_s.get(fmt.id, 0.0) for r in results), 3)))
+    rejects = listing_rejects + [rej for r in results for rej in r.rejects]
+    resize = (f"shorter side to {size}, centre crop {size}x{size}" if args.size
+              else f"native {size}x{size}")
+    return Manifest(
+        name=name, source_kind=args.source, source_url=redact_url(args.src), height=size,
+        width=size, channels=3, dtype="uint8", resize=resize,
+        class_names=tuple(listing.class_names),
+        splits=tuple(SplitEntry(s, n) for s, n in sorted(split_counts.items())),
+        seed=args.seed, shard_samples=shard_samples, formats=tuple(format_entries),
+        rejects=tuple(rejects), tool_version=tool_version, created_at=utc_now().isoformat())
+
+
+def _report(console: Any, manifest: Manifest, results: list[ShardResult], wall: float) -> None:
+    from rich.table import Table
+
+    samples = sum(s.samples for s in manifest.splits)
+    raw = samples * manifest.height * manifest.width * manifest.channels
+    skipped = sum(r.skipped for r in results)
+    table = Table(title=f"{manifest.name}: {samples:,} samples, {len(manifest.rejects)} rejects, "
+                        f"{len(results)} shards ({skipped} already committed), {wall:.1f} s")
+    for col in ("format", "samples", "bytes", "bytes/sample", "ratio to raw", "encode s"):
+        table.add_column(col, justify="left" if col == "format" else "right")
+    for f in manifest.formats:
+        table.add_row(f.id, f"{samples:,}", f"{f.total_bytes:,}",
+                      f"{f.total_bytes / max(samples, 1):,.0f}",
+                      f"{f.total_bytes / max(raw, 1):.3f}", f"{f.conversion_time_s:.2f}")
+    console.print(table)
+    for reject in manifest.rejects[:20]:
+        console.print(f"[yellow]rejected[/yellow] {reject.key}: {reject.reason}")
+    if len(manifest.rejects) > 20:
+        console.print(f"... and {len(manifest.rejects) - 20} more rejects (see manifest.json)")
+
+
+def _write_conversions(url: str, options: dict, manifest: Manifest,
+                       results: list[ShardResult], wall: float, workers: int,
+                       formats: list) -> None:
+    job_id = new_id()
+    rows = []
+    by_id = {f.id: f for f in formats}
+    for f in manifest.formats:
+        described = by_id[f.id].describe()
+        for split in manifest.split_names:
+            shards = f.split_shards(split)
+            samples = sum(s.samples for s in shards)
+            nbytes = sum(s.bytes for s in shards)
+            raw = samples * manifest.height * manifest.width * manifest.channels
+            encode = sum(r.encode_time_s.get(f.id, 0.0) for r in results if r.split == split)
+            rows.append({
+                "job_id": job_id, "finished_at": utc_now(), "dataset": manifest.name,
+                "format": f.id, "split": split, "samples": samples,
+                "rejects": sum(len(r.rejects) for r in results if r.split == split),
+                "bytes": nbytes, "bytes_per_sample": nbytes / max(samples, 1),
+                "ratio_to_raw": nbytes / max(raw, 1), "encode_time_s": encode,
+                "wall_time_s": wall, "images_per_s": samples / max(wall, 1e-9),
+                "workers": workers, "bits": described.get("bits", 8),
+                "compression": described.get("compression"), "image_size": manifest.height})
+    write_rows(Store.open(url, options), "conversions", rows, file_id=job_id)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+        return 0
+    except (UsageError, SourceError, UnknownFormat, BadStorageOptions) as exc:
+        _fail(args, exc)
+        return 2
+    except FileNotFoundError as exc:
+        _fail(args, exc)
+        return 2
+    except (JobFailed, StorageError, ManifestError) as exc:
+        _fail(args, exc)
+        return 1
+    except KeyboardInterrupt:
+        print("convert: interrupted; committed shards stay, re-run to finish", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback without --debug
+        _fail(args, exc, prefix=f"{type(exc).__name__}: ")
+        return 1
+
+
+def _fail(args: argparse.Namespace, exc: BaseException, prefix: str = "") -> None:
+    if getattr(args, "debug", False):
+        import traceback
+
+        traceback.print_exception(exc)
+    message = redact(f"{prefix}{exc}").splitlines()[0] if str(exc) else type(exc).__name__
+    print(f"convert: error: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# make demo: the whole study end to end on this machine.
+#   1. a CIFAR-10 python archive: $DATA if set, else a small one generated here
+#   2. a local Ray head (loopback, no auth), the conversion submitted with `ray job submit`
+#   3. `node-agent matrix` over every loader this machine can run
+#   4. `node-agent report`: comparison tables, format sizes, charts, a recommendation
+# The Ray head started here is stopped by its own process group on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+OUT=${DEMO_OUT:-$ROOT/demo-out}
+EPOCHS=${EPOCHS:-2}
+TRAIN=${TRAIN:-1000}   # generated archive: images per training batch file (5 files)
+TEST=${TEST:-1000}
+FORMATS=${FORMATS:-bmp,png,tiff-lzw,jpeg-q95,jpeg-q75,jp2-lossless,webp-q90,npy,npy-files,hdf5,hdf5-gzip,zarr,zarr-zstd}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+
+if [[ -n "${DATA:-}" ]]; then
+  SRC=$(cd "$(dirname "$DATA")" && pwd)/$(basename "$DATA")
+  echo "demo: using the CIFAR-10 archive $SRC"
+else
+  SRC="$OUT/data/cifar-10-python.tar.gz"
+  if [[ ! -f "$SRC" ]]; then
+    echo "demo: no DATA= given; generating a small synthetic dataset in the CIFAR-10 python archive format ($((TRAIN * 5)) train, $TEST test images): $SRC"
+    python -m prep.datagen cifar10 --out "$SRC" --train "$TRAIN" --test "$TEST"
+  else
+    echo "demo: reusing the generated CIFAR-10-format archive $SRC"
+  fi
+fi
+
+# A private Ray head on loopback. Token authentication is off for this local head only
+# (DESIGN section 10); real clusters keep it on.
+export RAY_AUTH_MODE=disabled
+port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+GCS_PORT=$(port); DASH_PORT=$(port)
+RAY_LOG="$OUT/ray-head.log"
+setsid ray start --head --block --node-ip-address 127.0.0.1 --port "$GCS_PORT" \
+  --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" --include-dashboard true \
+  --num-cpus "$(nproc)" --temp-dir "/tmp/ray-demo-$$" >"$RAY_LOG" 2>&1 &
+RAY_PID=$!
+stop_ray() {
+  if kill -0 "$RAY_PID" 2>/dev/null; then
+    kill -TERM -- "-$RAY_PID" 2>/dev/null || true
+    for _ in $(seq 1 30); do kill -0 "$RAY_PID" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL -- "-$RAY_PID" 2>/dev/null || true
+  fi
+}
+trap stop_ray EXIT
+export RAY_ADDRESS="http://127.0.0.1:$DASH_PORT"
+echo "demo: waiting for the local Ray head (log: $RAY_LOG)"
+for _ in $(seq 1 120); do
+  if ray job list --address "$RAY_ADDRESS" >/dev/null 2>&1; then break; fi
+  kill -0 "$RAY_PID" 2>/dev/null || { echo "demo: the Ray head did not start; see $RAY_LOG" >&2; exit 1; }
+  sleep 1
+done
+
+STORE="$OUT/store"; RESULTS="$OUT/results"; CACHE="$OUT/cache"
+echo "demo: ray job submit --working-dir . -- python prep/convert.py ..."
+ray job submit --address "$RAY_ADDRESS" --working-dir . -- \
+  python prep/convert.py --source cifar10 --src "$SRC" --dst "$STORE" --name cifar10 \
+  --formats "$FORMATS" --results "$RESULTS"
+stop_ray
+trap - EXIT
+
+node-agent loaders
+node-agent matrix --store "$STORE" --dataset cifar10 --cache "$CACHE" --results "$RESULTS" \
+  --epochs "$EPOCHS" --batch-size 128 --workers 2 --model convnet
+node-agent report --results "$RESULTS" --out "$OUT/report"
+echo "demo: tables and charts are in $OUT/report"

@@ -1,0 +1,123 @@
+"""The shard lifecycle, once for every format: stage, checksum, upload, index last.
+
+A shard of one format lives at ``<dataset>/<format>/<split>/shard-NNNNN/`` and is
+committed by its ``index.parquet``: the index is written only after every data file is
+in place, so a shard with an index is complete. The index's Parquet metadata also
+records the shard's other files with their checksums, so a re-run can rebuild the
+manifest entry of a committed shard without re-reading its data.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shared.formats.base import Format, FormatKind
+from shared.manifest import INDEX_FILE, FileEntry, ShardEntry
+from shared.storage import Store, check_relative, checksum_bytes, checksum_file
+
+_META_KEY = b"formatlab.shard"
+
+
+def shard_path(format_id: str, split: str, index: int) -> str:
+    """The shard folder relative to the dataset root."""
+    return f"{format_id}/{split}/shard-{index:05d}"
+
+
+def write_shard(dataset: Store, fmt: Format, split: str, index: int, keys: Sequence[str],
+                images: np.ndarray, labels: np.ndarray, *,
+                staging_dir: str | None = None) -> ShardEntry:
+    """Write and commit one shard of ``fmt``; returns its manifest entry.
+
+    Any leftovers of an earlier, uncommitted attempt are removed first. The data files
+    are uploaded, then the index; the index's presence commits the shard.
+    """
+    rel = shard_path(fmt.id, split, index)
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(keys) != len(images) or len(labels) != len(images):
+        raise ValueError(f"{rel}: {len(keys)} keys, {len(images)} images, {len(labels)} labels")
+    dataset.delete(rel, recursive=True)
+    stage = Path(tempfile.mkdtemp(prefix="formatlab-shard-", dir=staging_dir))
+    try:
+        sample_files = fmt.write_shard(stage, np.ascontiguousarray(images), labels)
+        listed = {s.file for s in sample_files or ()}
+        extras = tuple(
+            FileEntry(path=p.relative_to(stage).as_posix(), bytes=p.stat().st_size,
+                      checksum=checksum_file(p))
+            for p in sorted(stage.rglob("*")) if p.is_file()
+            and p.relative_to(stage).as_posix() not in listed
+        )
+        columns: dict[str, pa.Array] = {
+            "key": pa.array(list(keys), pa.string()),
+            "label": pa.array(labels, pa.int64()),
+        }
+        if fmt.kind is FormatKind.FILES:
+            if sample_files is None or len(sample_files) != len(keys):
+                raise RuntimeError(f"{fmt.id}: writer returned no per-sample file list")
+            columns["file"] = pa.array([s.file for s in sample_files], pa.string())
+            columns["bytes"] = pa.array([s.bytes for s in sample_files], pa.int64())
+            columns["checksum"] = pa.array([s.checksum for s in sample_files], pa.string())
+        data_bytes = sum(e.bytes for e in extras) + sum(s.bytes for s in sample_files or ())
+        meta = {"format": fmt.id, "split": split, "index": index, "data_bytes": data_bytes,
+                "files": [{"path": e.path, "bytes": e.bytes, "checksum": e.checksum}
+                          for e in extras]}
+        table = pa.table(columns).replace_schema_metadata({_META_KEY: json.dumps(meta)})
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        index_bytes = buf.getvalue()
+
+        dataset.put_dir(stage, rel)
+        dataset.write_bytes(posixpath.join(rel, INDEX_FILE), index_bytes)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return ShardEntry(split=split, index=index, samples=len(keys),
+                      bytes=data_bytes + len(index_bytes), path=rel,
+                      index_checksum=checksum_bytes(index_bytes), files=extras)
+
+
+def committed_shard(dataset: Store, format_id: str, split: str, index: int,
+                    expected_keys: Sequence[str] | None = None) -> ShardEntry | None:
+    """The entry of an already committed shard, or None if it must be (re)written.
+
+    A shard counts as committed when its index exists, parses, and (when given) holds
+    exactly ``expected_keys`` in order.
+    """
+    rel = shard_path(format_id, split, index)
+    try:
+        index_bytes = dataset.read_bytes(posixpath.join(rel, INDEX_FILE))
+    except FileNotFoundError:
+        return None
+    try:
+        table = pq.read_table(io.BytesIO(index_bytes))
+        meta = json.loads((table.schema.metadata or {})[_META_KEY])
+    except Exception:  # noqa: BLE001 - a damaged index means "not committed"
+        return None
+    if expected_keys is not None and table.column("key").to_pylist() != list(expected_keys):
+        return None
+    extras = tuple(FileEntry(**f) for f in meta["files"])
+    return ShardEntry(split=split, index=index, samples=table.num_rows,
+                      bytes=int(meta["data_bytes"]) + len(index_bytes), path=rel,
+                      index_checksum=checksum_bytes(index_bytes), files=extras)
+
+
+def read_index(data: bytes | str | Path) -> pa.Table:
+    """Parse an index (bytes or a local path) and check its file paths stay in the shard.
+
+    Raises:
+        shared.storage.PathEscapeError: a ``file`` entry is absolute or climbs out.
+    """
+    source = io.BytesIO(data) if isinstance(data, bytes) else str(data)
+    table = pq.read_table(source)
+    if "file" in table.column_names:
+        for name in table.column("file").to_pylist():
+            check_relative(name)
+    return table

