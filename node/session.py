@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -43,10 +44,15 @@ class RunSession:
         """Cache, load, train or bench, and write the rows; returns the ``runs`` row."""
         cfg = self.config
         started = utc_now()
+        ddp = self._init_distributed()
         row: dict[str, Any] = self._base_row(started)
         epochs: list[dict[str, Any]] = []
         loaders: list[Any] = []
-        ddp = self._init_distributed()
+        if self.device.type == "cpu":
+            # Leave cores to the DataLoader workers: on a small machine intra-op threads
+            # competing with them slow every step down (recorded in the config column).
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.workers))
+            row["config"]["torch_threads"] = torch.get_num_threads()
         try:
             fill = self._cache()
             row.update(cache_time_s=fill.stats.seconds, cache_bytes=fill.stats.bytes_total,
@@ -71,6 +77,7 @@ class RunSession:
             epochs = result.epochs
             row.update(result.run_columns())
             row["io_path"] = getattr(train, "io_path", "host")
+            row["model_checksum"] = getattr(self, "model_checksum", None)
             row["status"] = "ok"
         except UsageError:
             raise
@@ -118,6 +125,10 @@ class RunSession:
         if not dist.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
+        # One run id for the whole job, one row per rank.
+        shared = [self.run_id]
+        dist.broadcast_object_list(shared, src=0)
+        self.run_id = f"{shared[0]}-r{self.rank}"
         return True
 
     def _cache(self) -> Any:
@@ -154,13 +165,30 @@ class RunSession:
             num_classes=len(self.manifest.class_names), image_size=self.manifest.height,
             device=self.device, seed=cfg.seed, optimizer=cfg.optimizer, lr=cfg.lr, ddp=ddp,
             rank=self.rank, sampler=sampler, max_steps=cfg.max_steps, cold=cfg.cold)
-        return trainer.fit(train, cfg.epochs, val_loader=val, before_epoch=before_epoch)
+        result = trainer.fit(train, cfg.epochs, val_loader=val, before_epoch=before_epoch)
+        self.model_checksum = weights_checksum(trainer.model)
+        return result
 
     def _write(self, row: dict[str, Any], epochs: list[dict[str, Any]]) -> None:
         if epochs:
             write_rows(self.results, "epochs",
                        [{"run_id": self.run_id, **e} for e in epochs], file_id=self.run_id)
         write_rows(self.results, "runs", [row], file_id=self.run_id)
+
+
+def weights_checksum(model: torch.nn.Module) -> str:
+    """A checksum of the trained parameters: equal on every rank of one DDP job.
+
+    Buffers (BatchNorm running statistics) are left out: DDP broadcasts them from rank 0
+    at each forward, so after the last step each rank holds its own.
+    """
+    from node.train import unwrap
+
+    h = hashlib.blake2b(digest_size=12)
+    for name, tensor in sorted(unwrap(model).named_parameters()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _close_quietly(loader: Any) -> None:
@@ -175,7 +203,7 @@ def print_summary(row: dict[str, Any], epochs: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=False)
+    console = Console(width=max(Console().width, 120))
     title = (f"{row['dataset']} / {row['format']} / {row['loader']} on {row['device']} "
              f"({row['model']}): {row['status']}")
     table = Table(title=title)

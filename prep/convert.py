@@ -27,6 +27,7 @@ from shared.formats import CATALOG, UnknownFormat, parse_format_list
 from shared.manifest import (FormatEntry, Manifest, ManifestError, Reject, ShardEntry,
                              SplitEntry)
 from shared.results import new_id, utc_now, write_rows
+from shared.shards import STAGING_DIR
 from shared.storage import (BadStorageOptions, StorageError, Store, parse_storage_options,
                             redact, redact_url)
 
@@ -196,6 +197,7 @@ def run(args: argparse.Namespace) -> Manifest:
     manifest = _manifest(args, name, listing, size, shard_samples, formats, results,
                          listing_rejects)
     manifest.save(dst)
+    dst.delete(f"{name}/{STAGING_DIR}", recursive=True)
     _report(console, manifest, results, wall)
     if args.results:
         _write_conversions(args.results, options, manifest, results, wall, workers, formats)

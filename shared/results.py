@@ -72,6 +72,7 @@ RUNS = pa.schema([
     ("mode", pa.string()),       # "train" or "bench"
     ("emulated_step_ms", pa.float64()),
     ("confusion_matrix", pa.string()),  # JSON list of lists (rows: true class)
+    ("model_checksum", pa.string()),  # trained weights; equal across ranks of a DDP job
 ])
 
 EPOCHS = pa.schema([

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
 import shutil
 import tempfile
@@ -26,6 +27,7 @@ from shared.manifest import INDEX_FILE, FileEntry, ShardEntry
 from shared.storage import Store, check_relative, checksum_bytes, checksum_file
 
 _META_KEY = b"formatlab.shard"
+STAGING_DIR = ".staging"  # local stores: shards are built here, then renamed into place
 
 
 def shard_path(format_id: str, split: str, index: int) -> str:
@@ -46,7 +48,11 @@ def write_shard(dataset: Store, fmt: Format, split: str, index: int, keys: Seque
     if len(keys) != len(images) or len(labels) != len(images):
         raise ValueError(f"{rel}: {len(keys)} keys, {len(images)} images, {len(labels)} labels")
     dataset.delete(rel, recursive=True)
-    stage = Path(tempfile.mkdtemp(prefix="formatlab-shard-", dir=staging_dir))
+    if dataset.is_local and staging_dir is None:
+        # Stage beside the target so the finished folder moves into place by one rename.
+        staging_dir = dataset.path(STAGING_DIR)
+        os.makedirs(staging_dir, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix="shard-", dir=staging_dir))
     try:
         sample_files = fmt.write_shard(stage, np.ascontiguousarray(images), labels)
         listed = {s.file for s in sample_files or ()}
@@ -75,7 +81,13 @@ def write_shard(dataset: Store, fmt: Format, split: str, index: int, keys: Seque
         pq.write_table(table, buf)
         index_bytes = buf.getvalue()
 
-        dataset.put_dir(stage, rel)
+        if dataset.is_local and Path(staging_dir or "").resolve() == Path(
+                dataset.path(STAGING_DIR)).resolve():
+            target = Path(dataset.path(rel))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage, target)
+        else:
+            dataset.put_dir(stage, rel)
         dataset.write_bytes(posixpath.join(rel, INDEX_FILE), index_bytes)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -2,13 +2,14 @@
 
 A format writes one shard of decoded images into a local folder and reads samples
 back by index. Staging, checksums, upload and the commit order (data, then
-``index.parquet``) live once in :mod:`shared.formats.shard`, not in each format.
+``index.parquet``) live once in :mod:`shared.shards`, not in each format.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+import io
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -37,15 +38,60 @@ class SampleFile:
     checksum: str
 
 
+def check_shard_arrays(images: np.ndarray, labels: np.ndarray) -> None:
+    """Refuse a shard that is not ``uint8`` (N, H, W, C) with N int labels, N >= 1.
+
+    Raises:
+        ValueError: naming what is wrong.
+    """
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+    if len(images) == 0:
+        raise ValueError("a shard needs at least one sample")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise ValueError(f"{len(images)} images but labels of shape {labels.shape}")
+
+
+def is_url(location: str | Path) -> bool:
+    """True for ``s3://...``-style locations, False for local paths."""
+    return "://" in str(location)
+
+
+def gather_sorted(take: Callable[[np.ndarray], np.ndarray], indices: Sequence[int],
+                  length: int) -> np.ndarray:
+    """Read ``indices`` through ``take`` in increasing order, return them in the asked order.
+
+    ``take`` receives sorted, unique, in-range indices (as h5py's fancy indexing needs,
+    and as sequential reads like).
+
+    Raises:
+        IndexError: an index is outside ``[0, length)``.
+    """
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= length):
+        raise IndexError(f"indices outside [0, {length}): {idx[(idx < 0) | (idx >= length)][:5]}")
+    uniq, inverse = np.unique(idx, return_inverse=True)
+    data = take(uniq)
+    if len(uniq) == len(idx) and np.array_equal(uniq, idx):
+        return data
+    return data[inverse]
+
+
 class ShardReader(abc.ABC):
-    """Random access to the samples of one shard, as uint8 HWC arrays."""
+    """Random access to the samples of one shard, as uint8 HWC arrays.
+
+    Attributes:
+        bytes_read: bytes read from storage so far (encoded or stored bytes).
+    """
+
+    bytes_read: int = 0
 
     @abc.abstractmethod
     def __len__(self) -> int: ...
 
     @abc.abstractmethod
     def read(self, i: int) -> np.ndarray:
-        """Sample ``i`` as a C-contiguous uint8 array of shape (H, W, C)."""
+        """Sample ``i`` as a C-contiguous uint8 array of shape (H, W, C), maybe read-only."""
 
     def read_batch(self, indices: Sequence[int]) -> np.ndarray:
         """Samples at ``indices`` (in that order) as one uint8 (N, H, W, C) array."""
@@ -71,6 +117,7 @@ class Format(abc.ABC):
         kind: whether the index lists one file per sample.
         lossless: whether pixels round-trip bit-exactly.
         params: codec parameters recorded in the manifest.
+        compression: a short label for reports (``none``, ``lzw``, ``zstd-3``, ``q95``).
     """
 
     id: str
@@ -78,10 +125,21 @@ class Format(abc.ABC):
     kind: FormatKind
     lossless: bool
     params: Mapping[str, Any] = field(default_factory=dict)
+    compression: str = "none"
+
+    def __hash__(self) -> int:
+        # The generated hash would fail on the ``params`` dict; the id identifies a format.
+        return hash((type(self), self.id))
 
     @property
     def bits_per_channel(self) -> int:
         return 8
+
+    def describe(self) -> dict[str, Any]:
+        """The format's row of the report's format table."""
+        return {"id": self.id, "family": self.family, "kind": self.kind.value,
+                "lossless": self.lossless, "bits": self.bits_per_channel,
+                "compression": self.compression, "params": dict(self.params)}
 
     @abc.abstractmethod
     def write_shard(self, out_dir: Path, images: np.ndarray,
@@ -112,15 +170,25 @@ class Format(abc.ABC):
         """
 
 
+class ArrayFormat(Format):
+    """A lossless format whose shard is a few container files, not one file per sample."""
+
+    def __init__(self, id: str, family: str, params: Mapping[str, Any] | None = None, *,
+                 compression: str = "none") -> None:
+        super().__init__(id=id, family=family, kind=FormatKind.ARRAY, lossless=True,
+                         params=dict(params or {}), compression=compression)
+
+
 class FileFormat(Format):
     """A format with one encoded image file per sample; subclasses add the codec."""
 
     extension: str = ""
 
     def __init__(self, id: str, family: str, lossless: bool,
-                 params: Mapping[str, Any] | None = None, *, extension: str) -> None:
+                 params: Mapping[str, Any] | None = None, *, extension: str,
+                 compression: str = "none") -> None:
         super().__init__(id=id, family=family, kind=FormatKind.FILES, lossless=lossless,
-                         params=dict(params or {}))
+                         params=dict(params or {}), compression=compression)
         object.__setattr__(self, "extension", extension)
 
     @abc.abstractmethod
@@ -135,6 +203,7 @@ class FileFormat(Format):
                     labels: np.ndarray) -> list[SampleFile]:
         from shared.storage import checksum_bytes
 
+        check_shard_arrays(images, labels)
         out = []
         for i, image in enumerate(images):
             data = self.encode(image)
@@ -148,7 +217,48 @@ class FileFormat(Format):
                     storage_options: Mapping[str, Any] | None = None) -> ShardReader:
         if files is None:
             raise ValueError(f"{self.id}: a file format's reader needs the index's file list")
+        if is_url(shard_dir):
+            raise ValueError(f"{self.id}: reads local shard folders only, got a URL")
         return FileShardReader(self, Path(shard_dir), files)
+
+
+class PillowFormat(FileFormat):
+    """An image-file format that Pillow encodes and decodes; subclasses pick the options.
+
+    Attributes:
+        pillow_format: Pillow's name for the codec (``PNG``, ``JPEG2000``...).
+        save_options: keyword arguments of ``Image.save``.
+    """
+
+    pillow_format: str
+    save_options: Mapping[str, Any]
+
+    def __init__(self, id: str, family: str, lossless: bool, *, extension: str,
+                 compression: str, pillow_format: str, save_options: Mapping[str, Any],
+                 params: Mapping[str, Any] | None = None) -> None:
+        super().__init__(id, family, lossless,
+                         params if params is not None else save_options,
+                         extension=extension, compression=compression)
+        object.__setattr__(self, "pillow_format", pillow_format)
+        object.__setattr__(self, "save_options", dict(save_options))
+
+    def encode(self, image: np.ndarray) -> bytes:
+        from PIL import Image
+
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"{self.id}: expects (H, W, 3) RGB, got shape {image.shape}")
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format=self.pillow_format, **self.save_options)
+        return buf.getvalue()
+
+    def decode(self, data: bytes) -> np.ndarray:
+        from PIL import Image
+
+        # Only this codec's parser: a file is never sniffed as some other format.
+        with Image.open(io.BytesIO(data), formats=(self.pillow_format,)) as img:
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+            return np.asarray(img)
 
 
 class FileShardReader(ShardReader):
@@ -159,12 +269,15 @@ class FileShardReader(ShardReader):
 
         self.fmt = fmt
         self.paths = [safe_local_path(shard_dir, f) for f in files]
+        self.bytes_read = 0
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def read_bytes(self, i: int) -> bytes:
-        return self.paths[i].read_bytes()
+        data = self.paths[i].read_bytes()
+        self.bytes_read += len(data)
+        return data
 
     def read(self, i: int) -> np.ndarray:
         return self.fmt.decode(self.read_bytes(i))

@@ -1,0 +1,119 @@
+"""A folder of class sub-folders of images, optionally under split folders, at any fsspec URL."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from prep.sources.base import (
+    Payload,
+    Source,
+    SourceItem,
+    SourceListing,
+    is_hidden,
+    read_files_in_order,
+)
+from shared.storage import StorageError
+
+SPLIT_NAMES = frozenset({"train", "val", "validation", "test"})
+_HASH_SPACE = 1 << 160  # sha1 digests as integers
+
+
+def in_val_split(rel: str, val_fraction: float) -> bool:
+    """Deterministic validation membership of a file, by a hash of its relative path."""
+    return int.from_bytes(hashlib.sha1(rel.encode()).digest(), "big") < val_fraction * _HASH_SPACE
+
+
+class ImageFolderSource(Source):
+    """Class sub-folders of images: ``<class>/<file>`` or ``<split>/<class>/<file>``.
+
+    Split folders are used when every top-level folder is one of ``train``, ``val``,
+    ``validation`` or ``test`` and each holds class folders; otherwise a deterministic
+    ``val`` split is drawn by a hash of each file's relative path. Every non-hidden
+    file is listed whatever its extension: whether it is an image is decided by its
+    content when it is decoded. Files in sub-folders of a class folder belong to it.
+
+    Args:
+        url: The folder's URL.
+        storage_options: fsspec options for that URL.
+        val_fraction: Share of files put in ``val`` when there are no split folders.
+    """
+
+    name = "image-folder"
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None, *,
+                 val_fraction: float = 0.1) -> None:
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        super().__init__(url, storage_options)
+        self.val_fraction = float(val_fraction)
+
+    def list(self) -> SourceListing:
+        kind = self._root_kind()
+        if kind != "dir":
+            raise self._error(f"{self.display_url} is not a folder" if kind == "file"
+                              else f"{self.display_url} not found")
+        try:
+            files = [f for f in self.store.walk_files() if not is_hidden(f)]
+        except StorageError as exc:
+            raise self._error(str(exc)) from None
+        if not files:
+            raise self._error(f"{self.display_url} holds no files")
+
+        use_splits = self._has_split_folders(files)
+        depth = 1 if use_splits else 0  # index of the class folder in a path
+        placed: list[tuple[str, str, str]] = []  # (rel, split, class)
+        rejects: list[tuple[str, str]] = []
+        for rel in files:
+            parts = rel.split("/")
+            if len(parts) < depth + 2:
+                rejects.append((rel, "not inside a class folder"))
+                continue
+            if use_splits:
+                split = parts[0]
+            elif in_val_split(rel, self.val_fraction):
+                split = "val"
+            else:
+                split = "train"
+            placed.append((rel, split, parts[depth]))
+
+        class_names = tuple(sorted({cls for _, _, cls in placed}))
+        if not class_names:
+            raise self._error(f"{self.display_url} holds no class folders")
+        label_of = {name: i for i, name in enumerate(class_names)}
+        items = sorted((SourceItem(rel, split, label_of[cls], rel) for rel, split, cls in placed),
+                       key=lambda it: (it.split, it.key))
+
+        counts: dict[str, int] = {}
+        for item in items:
+            counts[item.split] = counts.get(item.split, 0) + 1
+        shown = ", ".join(f"{s} {n}" for s, n in sorted(counts.items()))
+        if use_splits:
+            note = f"image-folder: split folders used as splits ({shown})"
+        else:
+            note = (f"image-folder: no split folders; val = files whose path hash falls in the "
+                    f"first {self.val_fraction:g} ({shown})")
+        return SourceListing(
+            items=tuple(items),
+            class_names=class_names,
+            native_size=None,
+            notes=(note,),
+            rejects=tuple(rejects),
+        )
+
+    def load(self, items: Sequence[SourceItem]) -> Iterator[tuple[SourceItem, Payload | Exception]]:
+        for item in items:
+            if not isinstance(item.ref, str):
+                raise TypeError(f"image-folder: item {item.key!r} has no path ref")
+        yield from read_files_in_order(self.store, items, lambda it: it.ref)  # type: ignore[arg-type,return-value]
+
+    @staticmethod
+    def _has_split_folders(files: Sequence[str]) -> bool:
+        """True when every top-level folder is a split name holding class folders."""
+        top: dict[str, bool] = {}  # top-level folder -> holds a sub-folder with files
+        for rel in files:
+            parts = rel.split("/")
+            if len(parts) >= 2:
+                top[parts[0]] = top.get(parts[0], False) or len(parts) >= 3
+        return bool(top) and all(name.lower() in SPLIT_NAMES and nested for name, nested in top.items())

@@ -1,0 +1,33 @@
+"""Storage formats: one module per codec family, one registry keyed by format id.
+
+h5py and zarr are imported only by the readers and writers that use them.
+"""
+
+from shared.formats.base import (
+    ArrayFormat,
+    FileFormat,
+    FileShardReader,
+    Format,
+    FormatKind,
+    PillowFormat,
+    SampleFile,
+    ShardReader,
+    UnknownFormat,
+)
+from shared.formats.registry import CATALOG, format_id_help, get_format, parse_format_list
+
+__all__ = [
+    "CATALOG",
+    "ArrayFormat",
+    "FileFormat",
+    "FileShardReader",
+    "Format",
+    "FormatKind",
+    "PillowFormat",
+    "SampleFile",
+    "ShardReader",
+    "UnknownFormat",
+    "format_id_help",
+    "get_format",
+    "parse_format_list",
+]

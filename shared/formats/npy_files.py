@@ -1,0 +1,36 @@
+"""``npy-files``: one ``.npy`` per sample (H, W, C uint8, NumPy format 1.0, C order).
+
+Made for DALI's GPU numpy reader, which reads these headers and copies the payload.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from shared.formats.base import FileFormat
+
+NPY_VERSION = (1, 0)
+
+
+class NpyFilesFormat(FileFormat):
+    """Raw pixels with a NumPy header, one file per sample."""
+
+    def __init__(self) -> None:
+        super().__init__("npy-files", "npy-files", True,
+                         {"npy_version": ".".join(map(str, NPY_VERSION)), "order": "C"},
+                         extension="npy", compression="none")
+
+    def encode(self, image: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, np.ascontiguousarray(image), version=NPY_VERSION,
+                                  allow_pickle=False)
+        return buf.getvalue()
+
+    def decode(self, data: bytes) -> np.ndarray:
+        image = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+        if image.dtype != np.uint8 or image.ndim != 3:
+            raise ValueError(f"npy-files: expected uint8 (H, W, C), got {image.dtype} "
+                             f"{image.shape}")
+        return np.ascontiguousarray(image)
