@@ -1,0 +1,229 @@
+"""The one contract every registered loader keeps (DESIGN section 5).
+
+Cases come from the registry: every loader, crossed with every format in FORMATS that
+its ``supports()`` accepts, so a loader registered later is tested without editing
+this file. CUDA loaders, and CPU loaders delivering to a CUDA device (pinned memory,
+asynchronous copies), are marked ``gpu`` and skip without a GPU.
+
+Each sample's pixels encode its global index (R: index // 16, G: index % 16, B: a
+gradient that catches a transposed layout), so a decoded batch says which samples it
+holds; labels are random, so a label/image mix-up shows.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from node.loaders import LOADERS, Batch, Loader, LoaderConfig, ShardSlice
+from node.loaders.base import epoch_batches
+from shared.formats import FormatKind, get_format
+from shared.shards import read_index, shard_path, write_shard
+from shared.storage import Store
+
+FORMATS = ("png", "jpeg-q95", "bmp", "webp-lossless", "tiff-lzw", "npy-files",
+           "npy", "hdf5", "hdf5-gzip", "hdf5-lzf", "zarr", "zarr-zstd")
+SHARDS, PER_SHARD = 3, 37
+H, W, C = 12, 16, 3  # not square: a swapped height and width cannot pass
+BATCH = 16
+SEED = 7
+SPLIT = "train"
+NUM_CLASSES = 10
+
+# name -> (workers, rank range per shard): the whole sequence, or one that starts and stops
+# inside a shard (as a rank of a world larger than the shard count gets).
+FULL = ((0, PER_SHARD), (0, PER_SHARD), (0, PER_SHARD))
+MIDDLE = ((5, PER_SHARD), (0, PER_SHARD), (0, 30))
+RUNS = {"w0-full": (0, FULL), "w2-mid": (2, MIDDLE)}
+
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+# The file loader's decoders; see node/loaders/file.py.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
+
+
+def image_of(index: int) -> np.ndarray:
+    """The pixels that identify global sample ``index``."""
+    image = np.empty((H, W, C), dtype=np.uint8)
+    image[..., 0] = (index // 16) * 32 + 16
+    image[..., 1] = (index % 16) * 16 + 8
+    image[..., 2] = 8 * np.arange(W)[None, :] + 4 * np.arange(H)[:, None]
+    return image
+
+
+def identity_of(image: np.ndarray) -> int:
+    """The global index an (approximately) decoded image encodes."""
+    r = round((float(image[..., 0].mean()) - 16) / 32)
+    g = round((float(image[..., 1].mean()) - 8) / 16)
+    return r * 16 + g
+
+
+LABELS = np.random.default_rng(SEED).integers(0, NUM_CLASSES, SHARDS * PER_SHARD)
+
+
+@dataclass(frozen=True)
+class Case:
+    loader: type[Loader]
+    format_id: str
+    run: str
+    url: bool = False  # read the shards from a memory:// store URL (the --no-cache path)
+    cuda: bool = False  # deliver to a CUDA device
+
+    @property
+    def id(self) -> str:
+        return "-".join([self.loader.name, self.format_id, self.run]
+                        + ["url"] * self.url + ["cuda"] * self.cuda)
+
+
+def cases() -> Iterator[pytest.param]:
+    for loader in LOADERS.values():
+        on_gpu = loader.device_kind == "cuda"
+        for format_id in FORMATS:
+            if not loader.supports(get_format(format_id)):
+                continue
+            variants = [Case(loader, format_id, run, cuda=on_gpu) for run in RUNS]
+            if loader.name == "zarr":
+                variants.append(Case(loader, format_id, "w2-mid", url=True, cuda=on_gpu))
+            if not on_gpu:
+                variants += [Case(loader, format_id, run, cuda=True) for run in RUNS]
+            for case in variants:
+                yield pytest.param(case, id=case.id, marks=GPU if case.cuda else [])
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[str, bool], str]]:
+    """Shard roots by (format id, url): written on first use, once per module."""
+    local = Store.open(str(tmp_path_factory.mktemp("loader-contract")))
+    memory_url = f"memory://loader-contract-{os.getpid()}"
+    memory = Store.open(memory_url)
+
+    class Lazy(dict):  # type: ignore[type-arg]
+        def __missing__(self, key: tuple[str, bool]) -> str:
+            format_id, url = key
+            store = memory if url else local
+            fmt = get_format(format_id)
+            for s in range(SHARDS):
+                ids = range(s * PER_SHARD, (s + 1) * PER_SHARD)
+                write_shard(store, fmt, SPLIT, s, [f"k{i}" for i in ids],
+                            np.stack([image_of(i) for i in ids]), LABELS[list(ids)])
+            self[key] = store.url if url else store.root
+            return self[key]
+
+    yield Lazy()
+    memory.delete("", recursive=True)
+
+
+def make_config(case: Case, root: str, device: torch.device) -> tuple[LoaderConfig, np.ndarray]:
+    """The loader's config and, for each rank position, the global sample index."""
+    slices, identities = [], []
+    for s, (start, stop) in enumerate(RUNS[case.run][1]):
+        rel = shard_path(case.format_id, SPLIT, s)
+        location = f"{root}/{rel}"
+        if case.url:
+            index = read_index(Store.open(root).read_bytes(f"{rel}/index.parquet"))
+        else:
+            index = read_index(Path(location) / "index.parquet")
+        files = tuple(index.column("file").to_pylist()) if "file" in index.column_names else None
+        slices.append(ShardSlice(location=location, labels=index.column("label").to_numpy(),
+                                 files=files, start=start, stop=stop,
+                                 keys=tuple(index.column("key").to_pylist())))
+        identities.append(np.arange(start, stop) + s * PER_SHARD)
+    config = LoaderConfig(fmt=get_format(case.format_id), shards=tuple(slices),
+                          batch_size=BATCH, workers=RUNS[case.run][0], seed=SEED,
+                          device=device, image_shape=(H, W, C))
+    return config, np.concatenate(identities)
+
+
+def run_epoch(loader: Loader, epoch: int) -> list[Batch]:
+    return list(loader.epoch(epoch))
+
+
+def expected_bytes(config: LoaderConfig) -> int | None:
+    """Bytes one epoch must read, where the format fixes it exactly."""
+    fmt = config.fmt
+    if fmt.kind is FormatKind.FILES:
+        return sum(os.path.getsize(os.path.join(s.location, f))
+                   for s in config.shards for f in s.files[s.start:s.stop])
+    if fmt.id in ("npy", "hdf5"):  # uncompressed, one sample per chunk or row
+        return config.num_samples * H * W * C
+    return None
+
+
+def check_epoch(batches: list[Batch], config: LoaderConfig, identities: np.ndarray,
+                epoch: int, lossless: bool) -> np.ndarray:
+    """Check one epoch against the contract; returns its positions in delivery order."""
+    n = config.num_samples
+    plan = epoch_batches(n, BATCH, SEED, epoch)
+    assert len(batches) == len(plan)
+    for batch, planned in zip(batches, plan, strict=True):
+        images, labels, positions = batch.images, batch.labels, batch.positions
+        assert images.dtype == torch.uint8 and labels.dtype == torch.int64
+        assert positions.dtype == torch.int64 and positions.device.type == "cpu"
+        assert images.device.type == labels.device.type == config.device.type
+        assert tuple(images.shape) == (len(planned), H, W, C)
+        assert tuple(labels.shape) == (len(planned),)
+        # A loader may reorder samples within a batch, never across batches.
+        assert sorted(positions.tolist()) == sorted(planned.tolist())
+        assert batch.bytes_read > 0
+        pixels = images.cpu().numpy()
+        expected = identities[positions.numpy()]
+        found = [identity_of(image) for image in pixels]
+        assert found == expected.tolist()
+        assert labels.cpu().numpy().tolist() == LABELS[expected].tolist()
+        if lossless:
+            assert np.array_equal(pixels, np.stack([image_of(i) for i in expected]))
+    sizes = [len(b.positions) for b in batches]
+    assert sizes[:-1] == [BATCH] * (len(sizes) - 1) and sizes[-1] == n - BATCH * (len(sizes) - 1)
+    order = torch.cat([b.positions for b in batches]).numpy()
+    assert np.array_equal(np.sort(order), np.arange(n))  # every sample exactly once
+    return order
+
+
+@pytest.mark.parametrize("case", list(cases()))
+def test_loader_contract(case: Case, datasets: dict[tuple[str, bool], str]) -> None:
+    reason = case.loader.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    device = torch.device("cuda" if case.cuda else "cpu")
+    config, identities = make_config(case, datasets[case.format_id, case.url], device)
+    lossless = config.fmt.lossless
+    children = set(multiprocessing.active_children())
+    first, second = case.loader(config), case.loader(config)
+    try:
+        assert len(first) == -(-config.num_samples // BATCH)
+        epoch0 = run_epoch(first, 0)
+        order0 = check_epoch(epoch0, config, identities, 0, lossless)
+        epoch1 = run_epoch(first, 1)
+        order1 = check_epoch(epoch1, config, identities, 1, lossless)
+        assert not np.array_equal(order0, order1), "epochs 0 and 1 came in the same order"
+        again = check_epoch(run_epoch(second, 0), config, identities, 0, lossless)
+        assert np.array_equal(order0, again), "the same seed gave a different order"
+
+        exact = expected_bytes(config)
+        for batches in (epoch0, epoch1):
+            total = sum(b.bytes_read for b in batches)
+            if exact is not None:
+                assert total == exact
+            else:  # compressed containers: some stored bytes, at most all of them per batch
+                assert 0 < total <= len(batches) * stored_bytes(config)
+    finally:
+        first.close()
+        second.close()
+    left = set(multiprocessing.active_children()) - children
+    assert not left, f"close() left worker processes running: {left}"
+
+
+def stored_bytes(config: LoaderConfig) -> int:
+    """Bytes of every file in the config's shards (local folders or store URLs)."""
+    total = 0
+    for s in config.shards:
+        store = Store.open(s.location)
+        total += sum(store.size(rel) for rel in store.walk_files())
+    return total
