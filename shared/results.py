@@ -185,6 +185,6 @@ def read_table(results: Store, table: str) -> "Any":
         return TABLES[table].empty_table().to_pandas()
     frames = []
     for rel in files:
-        with results.open(rel, "rb") as f:
+        with results.open_file(rel, "rb") as f:
             frames.append(pq.read_table(f).to_pandas())
     return pd.concat(frames, ignore_index=True)

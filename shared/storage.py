@@ -209,14 +209,6 @@ def safe_local_path(root: str | os.PathLike[str], rel: str) -> Path:
 # --------------------------------------------------------------------------- store
 
 
-class _StoreOpen:
-    """Dispatch ``open``: on the class to :meth:`Store.open_url`, on a store to
-    :meth:`Store.open_file` (one name cannot be both a classmethod and a method)."""
-
-    def __get__(self, obj: Any, objtype: Any = None) -> Any:
-        return objtype.open_url if obj is None else obj.open_file
-
-
 @dataclass(frozen=True)
 class Store:
     """A root URL in some filesystem; every path given to its methods is relative."""
@@ -227,8 +219,8 @@ class Store:
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def open_url(cls, url: str, storage_options: Mapping[str, Any] | None = None) -> "Store":
-        """Open a store at ``url`` (created on first write); also ``Store.open(url)``."""
+    def open(cls, url: str, storage_options: Mapping[str, Any] | None = None) -> "Store":
+        """Open a store at ``url`` (created on first write)."""
         _register_env_secrets()
         options = dict(storage_options or {})
         _register_option_secrets(options)
@@ -274,8 +266,6 @@ class Store:
         return Store(url=self.url_of(rel), fs=self.fs, root=self.path(rel),
                      storage_options=self.storage_options)
 
-    # ``Store.open(url, options)`` opens a store, ``store.open(rel, mode)`` a file in it.
-    open = _StoreOpen()
 
     # -- reads
     def exists(self, rel: str) -> bool:
@@ -297,7 +287,7 @@ class Store:
         return json.loads(self.read_text(rel))
 
     def open_file(self, rel: str, mode: str = "rb", **kwargs: Any) -> IO[Any]:
-        """An fsspec file object (streaming reads, e.g. large archives); also ``store.open(rel)``."""
+        """An fsspec file object for streaming reads (e.g. large archives)."""
         return self._call("open", rel, self.fs.open, self.path(rel), mode, **kwargs)
 
     def list(self, rel: str = "", detail: bool = False) -> list[Any]:

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +56,25 @@ class S3Server:
                 "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required"}
 
     def bucket(self, name: str) -> str:
-        (self.root / name).mkdir(parents=True, exist_ok=True)
+        """Create bucket ``name`` (if missing) through the S3 API and return its URL.
+
+        Through the API, not with a mkdir behind the server's back: rclone caches
+        directory listings (5 min), so a folder made on disk after the server listed
+        its root would stay invisible ("not found").
+        """
+        import botocore.session
+        from botocore.exceptions import ClientError
+
+        client = botocore.session.get_session().create_client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1",
+            aws_access_key_id=self.key, aws_secret_access_key=self.secret)
+        try:
+            client.create_bucket(Bucket=name)
+        except ClientError:
+            # Already there, or a name S3 refuses (< 3 characters): a plain folder then.
+            (self.root / name).mkdir(parents=True, exist_ok=True)
+        finally:
+            client.close()
         return f"s3://{name}"
 
     def stop(self) -> None:
@@ -76,10 +94,7 @@ def start_s3_server(root: Path, port: int | None = None) -> S3Server:
     log = open(root.parent / f"rclone-{port}.log", "ab")
     proc = subprocess.Popen(
         [rclone_binary(), "serve", "s3", "--auth-key", f"{S3_KEY},{S3_SECRET}",
-         "--addr", f"127.0.0.1:{port}", "--config", "/dev/null",
-         # Tests create buckets and check files on disk behind the server's back: never
-         # answer from a cached directory listing.
-         "--dir-cache-time", "0s", str(root)],
+         "--addr", f"127.0.0.1:{port}", "--config", "/dev/null", str(root)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = S3Server(f"http://127.0.0.1:{port}", S3_KEY, S3_SECRET, root, proc)
     deadline = time.monotonic() + 20
@@ -103,6 +118,26 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     server = start_s3_server(tmp_path_factory.mktemp("s3") / "root")
     yield server
     server.stop()
+
+
+@pytest.fixture
+def start_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], S3Server]]:
+    """Start extra loopback S3 servers on fresh roots (e.g. one to stop); all stopped after.
+
+    Use this rather than ``from conftest import start_s3_server``: every conftest.py
+    outside a package is the module ``conftest``, so which one that finds depends on
+    collection order.
+    """
+    started: list[S3Server] = []
+
+    def start() -> S3Server:
+        server = start_s3_server(tmp_path_factory.mktemp("s3x") / "root")
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 @pytest.fixture

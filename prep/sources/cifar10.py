@@ -329,7 +329,7 @@ class Cifar10Source(Source):
     def _archive_is_binary(self, container: str) -> bool:
         """Which distribution an archive holds, from its first batch file's name."""
         try:
-            with self.store.open(container) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            with self.store.open_file(container) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
                 for member in tar:
                     base = posixpath.basename(member.name)
                     if member.isfile() and base in ("data_batch_1", "batches.meta", TEST_BATCH):
@@ -362,7 +362,7 @@ class Cifar10Source(Source):
             return
         left = set(exact) if exact is not None else set(wanted)
         try:
-            with self.store.open(layout.container) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            with self.store.open_file(layout.container) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
                 for member in tar:
                     base = posixpath.basename(member.name)
                     name = member.name if exact is not None else base

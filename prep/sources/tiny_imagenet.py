@@ -165,7 +165,7 @@ class TinyImageNetSource(Source):
 
     def _zip_layout(self, container: str) -> _Layout:
         try:
-            with self.store.open(container) as raw, zipfile.ZipFile(raw) as zf:
+            with self.store.open_file(container) as raw, zipfile.ZipFile(raw) as zf:
                 files = tuple(n for n in zf.namelist() if not n.endswith("/"))
         except (zipfile.BadZipFile, OSError, StorageError, EOFError) as exc:
             raise self._error(f"{self._where(container)} is not a readable zip: {exc}") from None
@@ -196,7 +196,7 @@ class TinyImageNetSource(Source):
             yield read_folder
             return
         try:
-            with self.store.open(layout.container) as raw, zipfile.ZipFile(raw) as zf:
+            with self.store.open_file(layout.container) as raw, zipfile.ZipFile(raw) as zf:
                 def read_zip(rel: str) -> str | None:
                     try:
                         return decode(rel, zf.read(layout.root + rel))
@@ -251,7 +251,7 @@ class TinyImageNetSource(Source):
         """Read members in archive order (sequential reads of a remote zip), keyed by name."""
         out: dict[str, bytes | Exception] = {}
         try:
-            with self.store.open(container) as raw, zipfile.ZipFile(raw) as zf:
+            with self.store.open_file(container) as raw, zipfile.ZipFile(raw) as zf:
                 offsets = {}
                 for path in paths:
                     try:
