@@ -35,8 +35,13 @@ export RAY_AUTH_MODE=disabled
 port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 GCS_PORT=$(port); DASH_PORT=$(port)
 RAY_LOG="$OUT/ray-head.log"
+# Every port chosen free, so a Ray already running on this machine cannot collide
+# (the dashboard agent's default port would).
 setsid ray start --head --block --node-ip-address 127.0.0.1 --port "$GCS_PORT" \
   --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" --include-dashboard true \
+  --dashboard-agent-listen-port "$(port)" --dashboard-agent-grpc-port "$(port)" \
+  --metrics-export-port "$(port)" --runtime-env-agent-port "$(port)" \
+  --ray-client-server-port "$(port)" \
   --num-cpus "$(nproc)" --temp-dir "/tmp/ray-demo-$$" >"$RAY_LOG" 2>&1 &
 RAY_PID=$!
 stop_ray() {
@@ -57,9 +62,19 @@ done
 
 STORE="$OUT/store"; RESULTS="$OUT/results"; CACHE="$OUT/cache"
 echo "demo: ray job submit --working-dir . -- python prep/convert.py ..."
-ray job submit --address "$RAY_ADDRESS" --working-dir . -- \
-  python prep/convert.py --source cifar10 --src "$SRC" --dst "$STORE" --name cifar10 \
-  --formats "$FORMATS" --results "$RESULTS"
+submit() {
+  ray job submit --address "$RAY_ADDRESS" --working-dir . -- \
+    python prep/convert.py --source cifar10 --src "$SRC" --dst "$STORE" --name cifar10 \
+    --formats "$FORMATS" --results "$RESULTS"
+}
+# The head answers before its job agent is up; retry only that refusal.
+for attempt in $(seq 1 30); do
+  if submit 2>"$OUT/submit.err"; then break; fi
+  if ! grep -q "No available agent" "$OUT/submit.err" || [[ $attempt == 30 ]]; then
+    cat "$OUT/submit.err" >&2; exit 1
+  fi
+  sleep 2
+done
 stop_ray
 trap - EXIT
 

@@ -1,0 +1,464 @@
+"""``kvikio``: kvikio ``CuFile`` reads from the local cache straight into GPU memory.
+
+With GPUDirect Storage the NVMe DMA-writes into GPU memory; in kvikio's (or cuFile's)
+compat mode the same calls read through POSIX and a host bounce buffer. Which one
+happened is recorded in ``io_path`` by :func:`node.loaders.gpu.gds_status`.
+
+Per batch the positions are sorted and read in parallel (kvikio's thread pool):
+
+- ``npy``: runs of consecutive samples are coalesced into one read each. GDS moves
+  data directly only for 4 KiB-aligned file offsets (unaligned ones go through
+  nvidia-fs bounce buffers), and a sample of ``images.npy`` starts at
+  ``header + i * sample_bytes``, which is rarely aligned. So each read covers its run
+  rounded out to 4 KiB boundaries (at most 8 KiB extra per run), lands in a
+  4 KiB-aligned slot of a GPU staging buffer, and the samples are cut out on the GPU.
+  Overlapping covering ranges are merged into one read.
+- ``npy-files``: one read per file, of the whole file from offset 0 (aligned), into a
+  4 KiB-aligned slot; the NumPy header is dropped on the GPU. All files of a shard
+  share one header length (same writer, same shape and dtype), parsed once per shard
+  with NumPy's own header reader.
+
+The next batch's reads are submitted before the current batch is handed over, so I/O
+overlaps the training step. Batches come back in sorted position order (the contract
+allows reordering within a batch).
+
+``bytes_read`` counts what the batch asked of storage: for ``npy-files`` whole files;
+for ``npy`` the samples' array slices (as ``numpy_mmap``), while the 4 KiB rounding
+that the reads add on top is counted in :attr:`KvikioLoader.alignment_bytes`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from node.loaders.base import Batch, Loader, LoaderConfig, LoaderUnavailable
+from node.loaders.common import ShardMap
+from node.loaders.gpu import (
+    IO_COMPAT,
+    GdsFacts,
+    cuda_device_index,
+    decide_io_path,
+    nvfs_read_counters,
+    probe_gds,
+    rank_files,
+    requirements_reason,
+    set_kvikio_threads,
+)
+from shared.formats import Format
+
+ALIGN = 4096  # GDS's page: direct DMA needs file offsets (and buffers) on 4 KiB boundaries
+IMAGES_FILE = "images.npy"
+MAX_IO_THREADS = 16
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+@dataclass(frozen=True)
+class NpyLayout:
+    """Where a ``.npy`` file's data starts and what it holds.
+
+    Attributes:
+        data_offset: bytes of magic and header before the array data.
+        shape, dtype, fortran_order: from the header.
+    """
+
+    data_offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+
+
+def npy_layout(path: str | Path) -> NpyLayout:
+    """Read a ``.npy`` header with NumPy's own functions (format 1.0 or 2.0).
+
+    Raises:
+        ValueError: not a ``.npy`` file, or a format version NumPy cannot read here.
+    """
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"{path}: .npy format {version} is not supported (1.0, 2.0)")
+        return NpyLayout(f.tell(), tuple(shape), np.dtype(dtype), bool(fortran))
+
+
+def align_down(x: int, align: int = ALIGN) -> int:
+    return x // align * align
+
+
+def align_up(x: int, align: int = ALIGN) -> int:
+    return -(-x // align) * align
+
+
+def sample_runs(sorted_indices: np.ndarray) -> list[tuple[int, int]]:
+    """Runs of consecutive indices in a sorted, unique array: ``(first, count)``."""
+    idx = np.asarray(sorted_indices, dtype=np.int64)
+    if not idx.size:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [idx.size]))
+    return [(int(idx[a]), int(b - a)) for a, b in zip(starts, ends, strict=True)]
+
+
+@dataclass(frozen=True)
+class ReadRange:
+    """One read: ``size`` bytes at ``file_offset`` into the staging buffer at ``buffer_offset``."""
+
+    file_offset: int
+    size: int
+    buffer_offset: int
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """The reads for one file and where each run of samples lands in the staging buffer.
+
+    Attributes:
+        ranges: the reads, in file order, each at a 4 KiB-aligned buffer offset.
+        runs: ``(first index, count, buffer offset of the first sample's data)``.
+        nbytes: staging bytes the plan needs.
+    """
+
+    ranges: tuple[ReadRange, ...]
+    runs: tuple[tuple[int, int, int], ...]
+    nbytes: int
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(r.size for r in self.ranges)
+
+
+def plan_reads(sorted_indices: np.ndarray, *, data_offset: int, sample_bytes: int,
+               file_size: int, align: int = ALIGN, buffer_base: int = 0) -> ReadPlan:
+    """Coalesce the samples of one ``.npy`` into aligned covering reads.
+
+    Args:
+        sorted_indices: sorted, unique sample indices inside the file.
+        data_offset: where sample 0 starts (the header length).
+        sample_bytes: bytes per sample.
+        file_size: the file's size; a covering read never goes past it.
+        align: the alignment of file offsets and buffer offsets.
+        buffer_base: the staging offset the plan starts at (a multiple of ``align``).
+    """
+    runs = sample_runs(sorted_indices)
+    spans: list[list[int]] = []  # merged aligned [start, end) file ranges
+    run_span: list[int] = []
+    for first, count in runs:
+        start = data_offset + first * sample_bytes
+        end = start + count * sample_bytes
+        if end > file_size:
+            raise ValueError(f"samples {first}..{first + count - 1} end at byte {end}, "
+                             f"past the file's {file_size} bytes")
+        a, b = align_down(start, align), min(align_up(end, align), file_size)
+        if spans and a <= spans[-1][1]:  # overlaps or touches the previous read
+            spans[-1][1] = max(spans[-1][1], b)
+        else:
+            spans.append([a, b])
+        run_span.append(len(spans) - 1)
+    ranges = []
+    cursor = buffer_base
+    for a, b in spans:
+        ranges.append(ReadRange(file_offset=a, size=b - a, buffer_offset=cursor))
+        cursor += align_up(b - a, align)
+    placed = tuple(
+        (first, count,
+         ranges[k].buffer_offset + data_offset + first * sample_bytes - ranges[k].file_offset)
+        for (first, count), k in zip(runs, run_span, strict=True))
+    return ReadPlan(tuple(ranges), placed, cursor - buffer_base)
+
+
+def _ensure_open_files(needed: int) -> None:
+    """Raise the soft open-files limit towards ``needed`` (up to the hard limit)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+# --------------------------------------------------------------------------- staging
+
+class _Staging:
+    """A CuPy buffer on the GPU that reads land in, seen by torch through DLPack.
+
+    ``ready`` is recorded on torch's stream after a batch has been cut out of it, so the
+    next reads into it wait until the GPU has consumed the previous ones.
+    """
+
+    def __init__(self) -> None:
+        self.array: Any = None
+        self.tensor: torch.Tensor | None = None
+        self.ready: torch.cuda.Event | None = None
+
+    def reserve(self, nbytes: int) -> None:
+        import cupy
+
+        self.wait()
+        if self.array is None or self.array.size < nbytes:
+            self.array = self.tensor = None
+            self.array = cupy.empty(align_up(max(nbytes, ALIGN)), dtype=cupy.uint8)
+            self.tensor = torch.from_dlpack(self.array)
+
+    def wait(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+
+    def mark(self) -> None:
+        self.ready = torch.cuda.Event()
+        self.ready.record()
+
+
+@dataclass
+class _Pending:
+    """A batch whose reads are in flight."""
+
+    positions: np.ndarray  # sorted rank positions
+    staging: _Staging
+    waits: list[tuple[Callable[[], int], int, str]]  # (wait for the read, expected bytes, what)
+    assemble: Callable[[torch.Tensor], torch.Tensor]  # staging tensor -> (B, H, W, C)
+    bytes_read: int  # what the batch asked for (see the module docstring)
+    cufile_bytes: int  # bytes in reads large enough for kvikio to hand to cuFile
+    alignment_bytes: int = 0  # extra bytes the 4 KiB-aligned covering reads added
+
+
+# --------------------------------------------------------------------------- the loader
+
+class KvikioLoader(Loader):
+    """kvikio ``CuFile`` reads of ``npy`` or ``npy-files`` into GPU memory."""
+
+    name: ClassVar[str] = "kvikio"
+    device_kind: ClassVar[str] = "cuda"
+    summary: ClassVar[str] = ("kvikio CuFile reads into GPU memory (GPUDirect Storage or its "
+                              "compat mode), coalesced 4 KiB-aligned reads, batches on the GPU")
+    formats_help: ClassVar[str] = "npy, npy-files"
+    io_path = IO_COMPAT  # a cuFile path: "gds" only once a run has shown the evidence
+
+    def __init__(self, config: LoaderConfig) -> None:
+        super().__init__(config)
+        if config.device.type != "cuda":
+            raise LoaderUnavailable(f"{self.name}: needs --device cuda, got {config.device}")
+        self.io_path = IO_COMPAT
+        self.io_detail = "no reads yet"
+        self._map = ShardMap(config.shards)
+        self._sample_bytes = int(np.prod(config.image_shape))
+        self._files_mode = config.fmt.id == "npy-files"
+        self._handles: list[Any] = []
+        self._layouts: list[NpyLayout] = []
+        self._sizes: list[int] = []
+        self._paths: list[str] = []
+        self._header: list[int] = []  # npy-files: header length per shard
+        self._pool: ThreadPoolExecutor | None = None
+        self._staging = (_Staging(), _Staging())
+        self._labels: torch.Tensor | None = None
+        self._facts: GdsFacts | None = None
+        self._threshold = 0
+        self._opened = False
+        self.alignment_bytes = 0
+
+    @classmethod
+    def supports(cls, fmt: Format) -> bool:
+        return fmt.id in ("npy", "npy-files")
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return requirements_reason(cls.name, ("cupy", "kvikio"))
+
+    # ----------------------------------------------------------------- setup
+
+    def _open(self) -> None:
+        if self._opened:
+            return
+        import kvikio
+
+        c = self.config
+        torch.cuda.set_device(cuda_device_index(c.device))
+        threads = max(1, min(MAX_IO_THREADS, os.cpu_count() or 1))
+        set_kvikio_threads(threads)
+        self._facts = probe_gds()
+        self._threshold = int(self._facts.gds_threshold or 0)
+        if self._files_mode:
+            self._paths = rank_files(c.shards)
+            bounds = self._map.bounds.tolist()
+            for k in range(len(c.shards)):
+                if bounds[k + 1] == bounds[k]:  # an empty range: nothing to read there
+                    self._header.append(0)
+                    continue
+                layout = self._check_layout(npy_layout(self._paths[bounds[k]]), sample=True)
+                self._header.append(layout.data_offset)
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kvikio-open")
+        else:
+            # Each CuFile holds two descriptors (buffered and O_DIRECT) for the whole run.
+            _ensure_open_files(2 * len(c.shards) + 256)
+            for s in c.shards:
+                path = os.path.join(s.location, IMAGES_FILE)
+                self._layouts.append(self._check_layout(npy_layout(path), sample=False))
+                self._sizes.append(os.path.getsize(path))
+                self._handles.append(kvikio.CuFile(path, "r"))
+        self._labels = torch.from_numpy(self._map.labels).to(c.device)
+        self._opened = True
+
+    def _check_layout(self, layout: NpyLayout, *, sample: bool) -> NpyLayout:
+        shape = layout.shape if sample else layout.shape[1:]
+        if layout.dtype != np.uint8 or layout.fortran_order or \
+                tuple(shape) != tuple(self.config.image_shape):
+            raise ValueError(f"{self.name}: expected C-order uint8 "
+                             f"{'(H, W, C)' if sample else '(N, H, W, C)'} with images "
+                             f"{tuple(self.config.image_shape)}, got {layout.dtype} "
+                             f"{layout.shape} (fortran_order={layout.fortran_order})")
+        return layout
+
+    # ----------------------------------------------------------------- reading
+
+    def _submit(self, positions: np.ndarray, staging: _Staging) -> _Pending:
+        pos = np.sort(np.asarray(positions, dtype=np.int64))
+        if self._files_mode:
+            return self._submit_files(pos, staging)
+        return self._submit_npy(pos, staging)
+
+    def _submit_npy(self, pos: np.ndarray, staging: _Staging) -> _Pending:
+        S = self._sample_bytes
+        plans: list[tuple[int, ReadPlan]] = []
+        base = 0
+        for shard, _, idx in self._map.groups(pos):
+            layout = self._layouts[shard]
+            plan = plan_reads(idx, data_offset=layout.data_offset, sample_bytes=S,
+                              file_size=self._sizes[shard], buffer_base=base)
+            plans.append((shard, plan))
+            base += plan.nbytes
+        staging.reserve(base)
+        waits: list[tuple[Callable[[], int], int, str]] = []
+        read = cufile = 0
+        for shard, plan in plans:
+            handle = self._handles[shard]
+            for r in plan.ranges:
+                view = staging.array[r.buffer_offset:r.buffer_offset + r.size]
+                future = handle.pread(view, r.size, r.file_offset)
+                waits.append((future.get, r.size, f"shard {shard} @{r.file_offset}"))
+                read += r.size
+                cufile += r.size if r.size >= self._threshold else 0
+        runs = [run for _, plan in plans for run in plan.runs]
+        shape = (len(pos), *self.config.image_shape)
+
+        def assemble(buf: torch.Tensor) -> torch.Tensor:
+            # One copy cuts every run out of the staging buffer (which is reused).
+            return torch.cat([buf[off:off + count * S] for _, count, off in runs]).view(shape)
+
+        payload = len(pos) * S
+        return _Pending(pos, staging, waits, assemble, payload, cufile, read - payload)
+
+    def _submit_files(self, pos: np.ndarray, staging: _Staging) -> _Pending:
+        import kvikio
+
+        S = self._sample_bytes
+        shard_no, _ = self._map.locate(pos)
+        headers = [self._header[k] for k in shard_no.tolist()]
+        stride = align_up(max(headers) + S)
+        staging.reserve(stride * len(pos))
+        assert self._pool is not None
+
+        def read_one(path: str, offset: int, size: int) -> int:
+            # Opening registers the file with cuFile; it is closed again at once so a
+            # large dataset does not hold one descriptor per file.
+            with kvikio.CuFile(path, "r") as f:
+                return int(f.read(staging.array[offset:offset + size], size, 0))
+
+        waits: list[tuple[Callable[[], int], int, str]] = []
+        read = cufile = 0
+        for k, (p, header) in enumerate(zip(pos.tolist(), headers, strict=True)):
+            size = header + S
+            future = self._pool.submit(read_one, self._paths[p], k * stride, size)
+            waits.append((future.result, size, self._paths[p]))
+            read += size
+            cufile += size if size >= self._threshold else 0
+        shape = (len(pos), *self.config.image_shape)
+        uniform = len(set(headers)) == 1
+
+        def assemble(buf: torch.Tensor) -> torch.Tensor:
+            rows = buf[:stride * len(pos)].view(len(pos), stride)
+            if uniform:  # one strided copy drops every header; the staging is reused,
+                # so always copy (a single row would otherwise stay a view of it)
+                return rows[:, headers[0]:headers[0] + S].clone(
+                    memory_format=torch.contiguous_format).view(shape)
+            return torch.stack([rows[k, h:h + S] for k, h in enumerate(headers)]).view(shape)
+
+        return _Pending(pos, staging, waits, assemble, read, cufile)
+
+    def _finish(self, pending: _Pending) -> Batch:
+        for wait, expected, what in pending.waits:
+            got = wait()
+            if got != expected:
+                raise OSError(f"{self.name}: short read from {what}: {got} of {expected} bytes")
+        pending.waits = []
+        assert pending.staging.tensor is not None and self._labels is not None
+        images = pending.assemble(pending.staging.tensor)
+        pending.staging.mark()
+        positions = torch.from_numpy(pending.positions)
+        labels = self._labels[positions.to(self.config.device, non_blocking=True)]
+        return Batch(images=images, labels=labels, positions=positions,
+                     bytes_read=pending.bytes_read)
+
+    @staticmethod
+    def _drain(pending: _Pending | None) -> None:
+        """Wait for reads still in flight, so their buffer is not freed under them."""
+        if pending is None:
+            return
+        for wait, _, _ in pending.waits:
+            try:
+                wait()
+            except Exception:  # noqa: BLE001 - the epoch is being abandoned anyway
+                pass
+        pending.waits = []
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        self._open()
+        assert self._facts is not None
+        batches = self.batches(epoch)
+        before = nvfs_read_counters()
+        cufile_bytes = 0
+        pending: _Pending | None = None
+        following: _Pending | None = None
+        try:
+            if batches:
+                pending = self._submit(batches[0], self._staging[0])
+            for k in range(len(batches)):
+                if k + 1 < len(batches):  # overlap the next batch's reads with this step
+                    following = self._submit(batches[k + 1], self._staging[(k + 1) % 2])
+                batch = self._finish(pending)
+                cufile_bytes += pending.cufile_bytes
+                self.alignment_bytes += pending.alignment_bytes
+                self.io_path, self.io_detail = decide_io_path(
+                    self._facts, before, nvfs_read_counters(), cufile_bytes=cufile_bytes)
+                pending, following = following, None
+                yield batch
+        finally:
+            self._drain(pending)
+            self._drain(following)
+
+    def close(self) -> None:
+        for staging in self._staging:
+            staging.wait()
+            staging.array = staging.tensor = None
+        for handle in self._handles:
+            handle.close()
+        self._handles = []
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._labels = None
+        self._opened = False
+
