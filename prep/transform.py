@@ -45,7 +45,7 @@ class RejectError(Exception):
 
 
 def prepare_image(payload: np.ndarray | bytes, size: int | None, *,
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+                  max_pixels: int = DEFAULT_MAX_PIXELS, draft: bool = True) -> np.ndarray:
     """Turn a source payload into a C-contiguous uint8 HWC RGB image.
 
     Args:
@@ -53,6 +53,8 @@ def prepare_image(payload: np.ndarray | bytes, size: int | None, *,
             image bytes in any format Pillow reads.
         size: Side of the square output; None keeps the image's own size.
         max_pixels: Images with more pixels than this are rejected before decoding.
+        draft: Let large JPEGs decode at a reduced DCT scale (False: always full
+            decode; for measuring what draft mode saves).
 
     Returns:
         ``(size, size, 3)`` uint8, or the oriented native size when ``size`` is None.
@@ -68,7 +70,7 @@ def prepare_image(payload: np.ndarray | bytes, size: int | None, *,
         warnings.simplefilter("ignore")
         if isinstance(payload, np.ndarray):
             return _from_array(payload, size)
-        return _from_bytes(bytes(payload), size, max_pixels)
+        return _from_bytes(bytes(payload), size, max_pixels, draft)
 
 
 def _from_array(arr: np.ndarray, size: int | None) -> np.ndarray:
@@ -86,7 +88,8 @@ def _from_array(arr: np.ndarray, size: int | None) -> np.ndarray:
     return _to_array(_resize_crop(_to_8bit(img), size))
 
 
-def _from_bytes(data: bytes, size: int | None, max_pixels: int) -> np.ndarray:
+def _from_bytes(data: bytes, size: int | None, max_pixels: int,
+                draft: bool = True) -> np.ndarray:
     if not data:
         raise RejectError("empty file")
     buf = io.BytesIO(data)
@@ -102,7 +105,8 @@ def _from_bytes(data: bytes, size: int | None, max_pixels: int) -> np.ndarray:
     if width < 1 or height < 1:
         raise RejectError(f"truncated or corrupt image: size {width}x{height}")
     try:
-        if size is not None and img.format == "JPEG" and min(width, height) >= 2 * size:
+        if (draft and size is not None and img.format == "JPEG"
+                and min(width, height) >= 2 * size):
             # Draft scales by at most min(w, h) // size, so both sides stay >= size.
             img.draft("RGB", (size, size))
         img.load()  # the whole decode happens here, so truncation is caught here

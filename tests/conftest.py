@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -147,3 +148,96 @@ def s3_bucket(s3_server: S3Server, request: pytest.FixtureRequest) -> str:
     name = name.strip("-")
     shutil.rmtree(s3_server.root / name, ignore_errors=True)
     return s3_server.bucket(name)
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+@dataclass
+class RayHead:
+    """A ``ray start --head --block`` on loopback, owned by a test, ended by its group."""
+
+    gcs_port: int
+    dashboard: str
+    temp_dir: Path
+    env: dict[str, str]
+    proc: subprocess.Popen
+
+    def job(self, verb: str, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """``ray job VERB --address <dashboard> ARGS``; a submit is retried while the
+        head's job agent is still starting ("No available agent")."""
+        ray = str(Path(sys.executable).parent / "ray")
+        deadline = time.monotonic() + 120
+        while True:
+            proc = subprocess.run([ray, "job", verb, "--address", self.dashboard, *args],
+                                  env=env or self.env, capture_output=True, text=True,
+                                  timeout=timeout)
+            if (proc.returncode == 0 or "No available agent" not in proc.stderr + proc.stdout
+                    or time.monotonic() > deadline):
+                return proc
+            time.sleep(2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(3)  # `ray start --block` is slow to exit on SIGTERM
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever of the group is left
+        except ProcessLookupError:
+            pass
+        self.proc.wait(30)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def start_ray_head(env: dict[str, str], *, num_cpus: int = 2, probe_env: dict[str, str] | None = None,
+                   timeout: float = 120) -> RayHead:
+    """Start a Ray head on loopback with every port chosen free (another Ray on this
+    machine, or one still shutting down, must not collide), and wait until its job
+    server answers."""
+    ray = str(Path(sys.executable).parent / "ray")
+    temp_dir = Path(tempfile.mkdtemp(prefix="flr", dir="/tmp"))  # short: socket paths
+    gcs, dash = free_port(), free_port()
+    ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+             "--metrics-export-port", "--runtime-env-agent-port", "--ray-client-server-port"]
+    cmd = [ray, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+           "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+           "--include-dashboard", "true", "--num-cpus", str(num_cpus),
+           "--temp-dir", str(temp_dir)]
+    for flag in ports:
+        cmd += [flag, str(free_port())]
+    log = open(temp_dir / "head.log", "wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    log.close()
+    head = RayHead(gcs, f"http://127.0.0.1:{dash}", temp_dir, env, proc)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            text = (temp_dir / "head.log").read_text()[-2000:]
+            head.stop()
+            raise RuntimeError(f"ray start exited {proc.returncode}: {text}")
+        if head.job("list", env=probe_env, timeout=60).returncode == 0:
+            return head
+        if time.monotonic() > deadline:
+            head.stop()
+            raise RuntimeError(f"ray head not reachable within {timeout:.0f} s")
+        time.sleep(1)
+
+
+@pytest.fixture(scope="session")
+def start_ray() -> Iterator[Callable[..., RayHead]]:
+    """A factory for Ray heads (:func:`start_ray_head`); any left running at the end of
+    the session are stopped."""
+    heads: list[RayHead] = []
+
+    def start(env: dict[str, str], **kwargs: object) -> RayHead:
+        heads.append(start_ray_head(env, **kwargs))
+        return heads[-1]
+
+    yield start
+    for head in heads:
+        head.stop()

@@ -14,12 +14,8 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 import tomllib
 import zipfile
 from collections.abc import Iterator
@@ -623,66 +619,33 @@ def test_pip_install_script_pins_torch_from_pyproject(tmp_path: Path, variant: s
 # --------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_token_auth_as_the_readme_describes(tmp_path: Path) -> None:
+def test_token_auth_as_the_readme_describes(tmp_path: Path, start_ray: Any) -> None:
     """A head started with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH, as cluster.yaml starts
     it, refuses clients without the token or with another one, and accepts the client settings
     deploy/README.md gives: RAY_AUTH_TOKEN (Kubernetes) and RAY_AUTH_TOKEN_PATH (`ray up`)."""
-    ray_bin = Path(sys.executable).with_name("ray")
     token_file = tmp_path / "ray-auth" / "auth_token"
     token_file.parent.mkdir()
     token_file.write_text("f" * 64)
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     base["HOME"] = str(tmp_path)  # no ~/.ray/auth_token of the user's is picked up
     head_env = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
-    gcs, dash = _free_port(), _free_port()
-    # Ray's socket paths live under --temp-dir and must stay under 108 bytes.
-    temp_dir = tempfile.mkdtemp(prefix="fl-ray-", dir="/tmp")
-    log = open(tmp_path / "head.log", "wb")
-    head = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-         "--include-dashboard", "true", "--num-cpus", "1", "--temp-dir", temp_dir],
-        env=head_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-
-    def ray_job(env: dict[str, str], verb: str, *rest: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(ray_bin), "job", verb, "--address", address, *rest],
-                              env=env, capture_output=True, text=True, timeout=180)
-
     with_path = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+    head = start_ray(head_env, num_cpus=1, probe_env=with_path)
     try:
-        deadline = time.monotonic() + 120
-        while (probe := ray_job(with_path, "list")).returncode != 0:
-            assert head.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, probe.stderr[-2000:]
-            time.sleep(1)
-
-        refused = ray_job(base, "list")
+        refused = head.job("list", env=base, timeout=180)
         said = refused.stdout + refused.stderr
         assert refused.returncode != 0 and "authentication" in said.lower(), said[-2000:]
-        wrong = ray_job({**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, "list")
+        wrong = head.job("list", env={**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
+                         timeout=180)
         assert wrong.returncode != 0, wrong.stdout[-2000:]
         with_env = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token_file.read_text()}
-        listed = ray_job(with_env, "list")
+        listed = head.job("list", env=with_env, timeout=180)
         assert listed.returncode == 0, (listed.stdout + listed.stderr)[-2000:]
 
-        submitted = ray_job(with_path, "submit", "--", "python", "-c", "print('ran')")
+        submitted = head.job("submit", "--", "python", "-c", "print('ran')", env=with_path,
+                             timeout=180)
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         assert "ran" in submitted.stdout
     finally:
-        if head.poll() is None:
-            os.killpg(head.pid, signal.SIGTERM)
-            try:
-                head.wait(10)  # `ray start --block` is slow to exit on SIGTERM
-            except subprocess.TimeoutExpired:
-                os.killpg(head.pid, signal.SIGKILL)
-                head.wait()
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        head.stop()
