@@ -6,29 +6,55 @@ against the manifest) and renamed into place. Files already cached and valid are
 a corrupted one is fetched again. A file lock per shard lets two agents share one
 cache directory. Assignment is deterministic: a split's shards in manifest order form
 one sequence of ``n`` samples and rank ``r`` takes ``[r*m, (r+1)*m)``, ``m = n // W``.
+
+Speed (``benchmarks/bench_cache.py``): a file is hashed as it is copied (local stores)
+or from the bytes received (object stores), so nothing is read twice; cached files whose
+size is already wrong are fetched again without hashing them; the folder is listed once
+instead of a failing ``stat`` per missing file. Object stores with an async client
+(s3fs) get ``threads`` requests in flight on the client's own event loop, one GET per
+small file; other remote file systems use a thread pool.
+
+A full cache disk is a :class:`CacheError` ("cache disk full ..."); a partial download
+never takes a file's name, and temporaries left by a killed fill are removed by the
+next fill of that shard.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import hashlib
+import inspect
+import io
+import itertools
 import os
+import posixpath
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
+import fsspec.asyn
 import numpy as np
+import pyarrow as pa
 from filelock import FileLock
 
 from node.loaders.base import ShardSlice
 from shared.manifest import INDEX_FILE, Manifest, ShardEntry
 from shared.shards import read_index
-from shared.storage import Store, StorageError, checksum_bytes, checksum_file, safe_local_path
+from shared.storage import (CHECKSUM_ALGO, Store, StorageError, check_relative, checksum_bytes,
+                            checksum_file, redact, safe_local_path)
 
 TRAIN_SPLIT = "train"
 VAL_SPLITS = ("val", "validation", "test")
+
+_CHUNK = 4 << 20  # copy buffer
+_SMALL = 8 << 20  # object-store files up to this size are fetched whole into memory
+_PART = ".part-"  # temporary download names: ".<name>.part-<pid>-<random>-<n>"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class CacheError(RuntimeError):
@@ -54,7 +80,7 @@ class CacheStats:
     files_fetched: int = 0
     files_total: int = 0
     files_refetched: int = 0  # cached but failed their checksum
-    paths: list[Path] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list, repr=False)  # every cached file
 
     def add(self, other: "CacheStats") -> None:
         self.seconds += other.seconds
@@ -95,8 +121,24 @@ def assign(manifest: Manifest, format_id: str, split: str, rank: int = 0,
     return out
 
 
+class _Want(NamedTuple):
+    """One file of a shard: where it goes, what it must hash to, its size if known."""
+
+    name: str  # normalised, relative to the shard folder
+    target: str  # the cached file
+    checksum: str
+    size: int | None
+
+
 class ShardCache:
-    """A local cache directory for one dataset of one store."""
+    """A local cache directory for one dataset of one store.
+
+    Args:
+        threads: parallel transfers from an object store. Files from a local store are
+            copied one by one per shard: each copy is a few system calls, and threads
+            creating files in one folder only contend for its lock (measured slower).
+        on_file: called with a count as files are checked or fetched (progress bars).
+    """
 
     def __init__(self, store: Store, manifest: Manifest, cache_dir: str | os.PathLike[str],
                  *, threads: int = 8,
@@ -104,87 +146,334 @@ class ShardCache:
         self.store = store
         self.manifest = manifest
         self.root = Path(cache_dir) / manifest.name
-        self.threads = threads
+        self.threads = max(1, threads)
         self.on_file = on_file
 
     def shard_dir(self, entry: ShardEntry) -> Path:
         return safe_local_path(self.root, entry.path)
 
     def fetch(self, ranges: Sequence[ShardRange]) -> tuple[list[ShardSlice], CacheStats]:
-        """Make every shard of ``ranges`` present and valid locally; return read slices."""
+        """Make every shard of ``ranges`` present and valid locally; return read slices.
+
+        Raises:
+            CacheError: the cache disk is full, or a file still fails its checksum after
+                being fetched twice (the store's copy is bad).
+        """
         stats = CacheStats()
         t0 = time.perf_counter()
         slices = []
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="cache") as pool:
-            for rng in ranges:
-                local, shard_stats = self._fetch_shard(rng.entry, pool)
-                stats.add(shard_stats)
-                slices.append(_slice(local, rng))
+        for rng in ranges:
+            local, index, shard_stats = self._fetch_shard(rng.entry)
+            stats.add(shard_stats)
+            slices.append(_slice(local, index, rng))
         stats.seconds = time.perf_counter() - t0
         return slices, stats
 
-    def _fetch_shard(self, entry: ShardEntry,
-                     pool: ThreadPoolExecutor) -> tuple[Path, CacheStats]:
-        local = self.shard_dir(entry)
-        local.mkdir(parents=True, exist_ok=True)
-        stats = CacheStats()
-        with FileLock(str(local) + ".lock"):
-            # The index first: it is verified against the manifest and lists the rest.
-            self._ensure(entry.path, INDEX_FILE, entry.index_checksum, stats)
-            index = read_index(local / INDEX_FILE)
-            wanted = [(f.path, f.checksum) for f in entry.files]
-            if "file" in index.column_names:
-                wanted += list(zip(index.column("file").to_pylist(),
-                                   index.column("checksum").to_pylist()))
-            results = pool.map(lambda fc: self._ensure_counted(entry.path, fc[0], fc[1]),
-                               wanted)
-            for r in results:
-                stats.add(r)
-        return local, stats
+    # ------------------------------------------------------------------ one shard
 
-    def _ensure_counted(self, shard_rel: str, name: str, checksum: str) -> CacheStats:
-        stats = CacheStats()
-        self._ensure(shard_rel, name, checksum, stats)
-        if self.on_file:
-            self.on_file(1)
-        return stats
+    def _fetch_shard(self, entry: ShardEntry) -> tuple[Path, pa.Table, CacheStats]:
+        rel = f"{self.manifest.name}/{entry.path}"
+        try:
+            local = self.shard_dir(entry)
+            local.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(local) + ".lock"):
+                # Only the lock holder writes into this folder: temporaries found now are
+                # leftovers of a killed fill.
+                present = _scan(local)
+                stats = CacheStats()
+                # The index first: it is verified against the manifest and lists the rest.
+                index_data = self._ensure_index(entry, local, stats)
+                index = read_index(index_data)
+                wants = self._wants(entry, local, index)
+                missing = self._check_cached(wants, present, stats)
+                if missing:
+                    self._fetch_files(rel, missing, stats)
+        except OSError as exc:
+            if exc.errno in _DISK_FULL:
+                raise self._disk_full(rel) from None
+            raise
+        return local, index, stats
 
-    def _ensure(self, shard_rel: str, name: str, checksum: str, stats: CacheStats) -> None:
-        """Keep a valid cached copy of ``shard_rel/name`` or fetch and verify a new one."""
-        target = safe_local_path(self.root / shard_rel, name)
+    def _disk_full(self, rel: str) -> CacheError:
+        return CacheError(f"cache disk full (no space left on device) while fetching {rel} "
+                          f"into {self.root}: free space or use another --cache")
+
+    def _ensure_index(self, entry: ShardEntry, local: Path, stats: CacheStats) -> bytes:
+        """The shard's verified index bytes, cached (fetched again when bad or missing)."""
+        target = str(local / INDEX_FILE)
         stats.files_total += 1
         stats.paths.append(target)
-        if target.exists():
-            if checksum_file(target) == checksum:
-                stats.bytes_total += target.stat().st_size
-                return
+        try:
+            with open(target, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            data = None
+        if data is not None:
+            if checksum_bytes(data) == entry.index_checksum:
+                stats.bytes_total += len(data)
+                return data
             stats.files_refetched += 1
-        rel = f"{self.manifest.name}/{shard_rel}/{name}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for attempt in range(2):
-            tmp = target.with_name(f".{target.name}.part-{uuid.uuid4().hex[:8]}")
-            try:
-                self.store.get_file(rel, tmp)
-                if checksum_file(tmp) == checksum:
-                    size = tmp.stat().st_size
-                    os.replace(tmp, target)
-                    stats.files_fetched += 1
-                    stats.bytes_fetched += size
-                    stats.bytes_total += size
-                    return
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    raise CacheError(f"cache disk full while fetching {rel} into "
-                                     f"{self.root}: free space or use another --cache") from None
-                raise
-            finally:
-                _unlink_quietly(tmp)
+        rel = f"{self.manifest.name}/{entry.path}/{INDEX_FILE}"
+        for _ in range(2):
+            data = self.store.read_bytes(rel)
+            if checksum_bytes(data) == entry.index_checksum:
+                _write_atomic(target, data)
+                stats.files_fetched += 1
+                stats.bytes_fetched += len(data)
+                stats.bytes_total += len(data)
+                self._progress(1)
+                return data
         raise CacheError(f"{rel}: checksum mismatch after two downloads "
                          "(the store's copy does not match its manifest)")
 
+    def _wants(self, entry: ShardEntry, local: Path, index: pa.Table) -> list[_Want]:
+        """Every data file of the shard, paths checked to stay inside its folder."""
+        items: list[tuple[str, str, int | None]] = [(f.path, f.checksum, f.bytes)
+                                                    for f in entry.files]
+        names = index.column_names
+        if "file" in names:
+            files = index.column("file").to_pylist()
+            sums = index.column("checksum").to_pylist()
+            sizes = (index.column("bytes").to_pylist() if "bytes" in names
+                     else [None] * len(files))
+            items += zip(files, sums, sizes)
+        parents: dict[str, str] = {"": str(local)}
+        out = []
+        for name, checksum, size in items:
+            norm = check_relative(name)
+            head, tail = posixpath.split(norm)
+            folder = parents.get(head)
+            if folder is None:  # resolved once per folder: no symlink leads outside
+                path = safe_local_path(local, head)
+                path.mkdir(parents=True, exist_ok=True)
+                folder = parents[head] = str(path)
+            out.append(_Want(norm, f"{folder}/{tail}", checksum, size))
+        return out
 
-def _slice(local: Path, rng: ShardRange) -> ShardSlice:
-    index = read_index(local / INDEX_FILE)
+    def _check_cached(self, wants: list[_Want], present: set[str],
+                      stats: CacheStats) -> list[_Want]:
+        """Count the valid cached files; return the missing and bad ones."""
+        missing = []
+        valid = 0
+        for want in wants:
+            stats.files_total += 1
+            stats.paths.append(want.target)
+            if want.name not in present:
+                missing.append(want)
+                continue
+            try:
+                size = os.stat(want.target).st_size
+            except FileNotFoundError:
+                missing.append(want)
+                continue
+            if (want.size is None or size == want.size) and \
+                    checksum_file(want.target) == want.checksum:
+                stats.bytes_total += size
+                valid += 1
+            else:
+                stats.files_refetched += 1
+                missing.append(want)
+        self._progress(valid)
+        return missing
+
+    def _fetch_files(self, rel: str, wants: list[_Want], stats: CacheStats) -> None:
+        """Download, verify and rename ``wants``; a file that fails its checksum is
+        fetched once more before giving up."""
+        src_root = self.store.path(rel)
+        for attempt in range(2):
+            if self.store.is_local:
+                # A few system calls per file: threads creating files in one folder
+                # only contend for its lock (measured slower than one by one).
+                sizes = []
+                for i in range(0, len(wants), 512):
+                    sizes += [self._download(rel, src_root, w) for w in wants[i:i + 512]]
+                    self._progress(min(512, len(wants) - i))
+            elif getattr(self.store.fs, "async_impl", False):
+                sizes = fsspec.asyn.sync(self.store.fs.loop, self._download_async, rel,
+                                         src_root, wants)
+            else:
+                with ThreadPoolExecutor(self.threads, thread_name_prefix="cache") as pool:
+                    sizes = list(pool.map(lambda w: self._download(rel, src_root, w, True),
+                                          wants))
+            bad = []
+            for want, size in zip(wants, sizes):
+                if size is None:
+                    bad.append(want)
+                else:
+                    stats.files_fetched += 1
+                    stats.bytes_fetched += size
+                    stats.bytes_total += size
+            if not bad:
+                return
+            wants = bad
+        raise CacheError(f"{rel}/{wants[0].name}: checksum mismatch after two downloads "
+                         "(the store's copy does not match its manifest)")
+
+    def _download(self, rel: str, src_root: str, want: _Want,
+                  progress: bool = False) -> int | None:
+        """Fetch one file to a temporary name, verify, rename; its size, or None if bad."""
+        src = f"{src_root}/{want.name}"
+        tmp = _tmp_name(want.target)
+        committed = None
+        try:
+            if self.store.is_local:
+                digest, size = self._call(rel, want, _copy_hashing, src, tmp)
+            elif want.size is not None and want.size <= _SMALL:
+                data = self._call(rel, want, self.store.fs.cat_file, src)
+                _write_file(tmp, data)
+                size, digest = len(data), checksum_bytes(data)
+            else:
+                self._call(rel, want, self.store.fs.get_file, src, tmp)
+                digest, size = checksum_file(tmp), os.stat(tmp).st_size
+            committed = _commit(tmp, want, digest, size)
+            if progress and committed is not None:
+                self._progress(1)
+            return committed
+        finally:
+            if committed is None:
+                _unlink_quietly(tmp)
+
+    async def _download_async(self, rel: str, src_root: str,
+                              wants: list[_Want]) -> list[int | None]:
+        """Object stores with an async client (s3fs...): ``threads`` requests in flight
+        on the client's event loop, no thread hops per file."""
+        fs = self.store.fs
+        gate = asyncio.Semaphore(self.threads)
+        # s3fs asks for the size first (a second request per file) unless told that a
+        # file comes in one piece: small files do.
+        whole = ({"max_concurrency": 1}
+                 if "max_concurrency" in inspect.signature(fs._cat_file).parameters else {})
+
+        async def one(want: _Want) -> int | None:
+            src = f"{src_root}/{want.name}"
+            tmp = _tmp_name(want.target)
+            size = None
+            try:
+                async with gate:
+                    try:
+                        if want.size is not None and want.size <= _SMALL:
+                            data = await fs._cat_file(src, **whole)
+                        else:
+                            data = None
+                            await fs._get_file(src, tmp)
+                    except Exception as exc:  # noqa: BLE001 - mapped below
+                        raise self._store_error(rel, want, exc) from None
+                if data is not None:
+                    _write_file(tmp, data)
+                    size = _commit(tmp, want, checksum_bytes(data), len(data))
+                else:
+                    size = _commit(tmp, want, checksum_file(tmp), os.stat(tmp).st_size)
+                if size is not None:
+                    self._progress(1)
+                return size
+            finally:
+                if size is None:
+                    _unlink_quietly(tmp)
+
+        tasks = [asyncio.ensure_future(one(w)) for w in wants]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    def _call(self, rel: str, want: _Want, fn: Callable, *args: object) -> Any:
+        """Run a read from the store; errors of the store become :class:`StorageError`
+        or :class:`FileNotFoundError` (credentials redacted), the cache's pass through."""
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - mapped by _store_error
+            raise self._store_error(rel, want, exc) from None
+
+    def _store_error(self, rel: str, want: _Want, exc: Exception) -> Exception:
+        if isinstance(exc, (CacheError, StorageError)):
+            return exc
+        src = f"{self.store.path(rel)}/{want.name}"
+        if isinstance(exc, OSError) and (
+                exc.errno in _DISK_FULL
+                or (self.store.is_local and exc.filename not in (None, src))):
+            return exc  # the cache's side: disk full, permissions...
+        where = f"{self.store.display_url}/{rel}/{want.name}"
+        if isinstance(exc, FileNotFoundError):
+            return FileNotFoundError(f"{where} not found")
+        kind = "" if isinstance(exc, OSError) else f"{type(exc).__name__}: "
+        return StorageError(f"cannot read {where}: {kind}{redact(exc)}")
+
+    def _progress(self, n: int) -> None:
+        if self.on_file and n:
+            self.on_file(n)
+
+
+def _commit(tmp: str, want: _Want, digest: str, size: int) -> int | None:
+    """Rename a verified download into place; None (and no rename) if it is bad."""
+    if digest != want.checksum or (want.size is not None and size != want.size):
+        return None
+    os.replace(tmp, want.target)
+    return size
+
+
+def _copy_hashing(src: str, dst: str) -> tuple[str, int]:
+    """Copy a local file, hashing it on the way; returns its checksum and size."""
+    h = hashlib.blake2b(digest_size=16)
+    size = 0
+    with open(src, "rb", buffering=0) as fin, open(dst, "xb", buffering=0) as fout:
+        while chunk := fin.read(_CHUNK):
+            h.update(chunk)
+            _write_all(fout, chunk)
+            size += len(chunk)
+    return f"{CHECKSUM_ALGO}:{h.hexdigest()}", size
+
+
+def _write_all(f: io.RawIOBase, data: bytes) -> None:
+    """Write all of ``data`` to an unbuffered file: a raw write may be short (a full
+    disk writes what fits and says so; the next write raises ENOSPC)."""
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view):]
+
+
+_tmp_ids = itertools.count()
+_TMP_TAG = uuid.uuid4().hex[:6]
+
+
+def _tmp_name(target: str) -> str:
+    """A temporary name beside ``target``, unique across threads and processes."""
+    head, tail = os.path.split(target)
+    return f"{head}/.{tail}{_PART}{os.getpid()}-{_TMP_TAG}-{next(_tmp_ids)}"
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "xb", buffering=0) as f:
+        _write_all(f, data)
+
+
+def _write_atomic(target: str, data: bytes) -> None:
+    tmp = _tmp_name(target)
+    try:
+        _write_file(tmp, data)
+        os.replace(tmp, target)
+    finally:
+        _unlink_quietly(tmp)
+
+
+def _scan(folder: Path) -> set[str]:
+    """Files below ``folder`` (relative POSIX paths); deletes the temporaries that a
+    killed fill left."""
+    present = set()
+    for dirpath, _dirs, files in os.walk(folder):
+        prefix = os.path.relpath(dirpath, folder).replace(os.sep, "/")
+        prefix = "" if prefix == "." else prefix + "/"
+        for name in files:
+            if name.startswith(".") and _PART in name:
+                _unlink_quietly(os.path.join(dirpath, name))
+            else:
+                present.add(prefix + name)
+    return present
+
+
+def _slice(local: Path, index: pa.Table, rng: ShardRange) -> ShardSlice:
     files = tuple(index.column("file").to_pylist()) if "file" in index.column_names else None
     return ShardSlice(location=str(local),
                       labels=np.asarray(index.column("label").to_numpy(), dtype=np.int64),
@@ -211,9 +500,9 @@ def remote_slices(store: Store, manifest: Manifest,
     return out
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(path: str | Path) -> None:
     try:
-        path.unlink()
+        os.unlink(path)
     except FileNotFoundError:
         pass
 
