@@ -42,10 +42,12 @@ import numpy as np
 import pyarrow as pa
 from filelock import FileLock
 
+from node.errors import UsageError
 from node.loaders.base import ShardSlice
 from shared.manifest import INDEX_FILE, Manifest, ShardEntry
 from shared.shards import read_index
-from shared.storage import (CHECKSUM_ALGO, Store, StorageError, check_relative, checksum_bytes,
+from shared.storage import (CHECKSUM_ALGO, PathEscapeError, Store, StorageError, check_relative,
+                            checksum_bytes,
                             checksum_file, redact, safe_local_path)
 
 TRAIN_SPLIT = "train"
@@ -59,6 +61,10 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 class CacheError(RuntimeError):
     """The cache could not be filled (disk full, checksum keeps failing...)."""
+
+
+class BadIndex(UsageError):
+    """A shard index lists paths outside its shard: the dataset is refused (exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -183,8 +189,11 @@ class ShardCache:
                 stats = CacheStats()
                 # The index first: it is verified against the manifest and lists the rest.
                 index_data = self._ensure_index(entry, local, stats)
-                index = read_index(index_data)
-                wants = self._wants(entry, local, index)
+                try:
+                    index = read_index(index_data)
+                    wants = self._wants(entry, local, index)
+                except PathEscapeError as exc:
+                    raise BadIndex(f"{rel}/{INDEX_FILE}: {exc}; refusing the dataset") from None
                 missing = self._check_cached(wants, present, stats)
                 if missing:
                     self._fetch_files(rel, missing, stats)
@@ -490,7 +499,10 @@ def remote_slices(store: Store, manifest: Manifest,
         data = store.read_bytes(f"{rel}/{INDEX_FILE}")
         if checksum_bytes(data) != rng.entry.index_checksum:
             raise CacheError(f"{rel}/{INDEX_FILE}: checksum does not match the manifest")
-        index = read_index(data)
+        try:
+            index = read_index(data)
+        except PathEscapeError as exc:
+            raise BadIndex(f"{rel}/{INDEX_FILE}: {exc}; refusing the dataset") from None
         files = tuple(index.column("file").to_pylist()) if "file" in index.column_names else None
         out.append(ShardSlice(location=store.url_of(rel),
                               labels=np.asarray(index.column("label").to_numpy(),

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from node.errors import RunFailed, UsageError
-from shared.storage import redact
+from shared.storage import one_line, redact
 
 DEFAULT_CACHE = "./.cache/formatlab"
 DEFAULT_RESULTS = "./results"
@@ -57,7 +57,7 @@ def _fail(exc: BaseException, code: int, debug: bool, prefix: str = "") -> None:
         import traceback
 
         traceback.print_exception(exc, file=sys.stderr)
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = one_line(exc)
     click.echo(f"node-agent: error: {redact(prefix + text)}", err=True)
     sys.exit(code)
 

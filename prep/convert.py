@@ -28,8 +28,8 @@ from shared.manifest import (FormatEntry, Manifest, ManifestError, Reject, Shard
                              SplitEntry)
 from shared.results import new_id, utc_now, write_rows
 from shared.shards import STAGING_DIR
-from shared.storage import (BadStorageOptions, StorageError, Store, parse_storage_options,
-                            redact, redact_url)
+from shared.storage import (BadStorageOptions, StorageError, Store, one_line,
+                            parse_storage_options, redact, redact_url)
 
 DEFAULT_MAX_REJECTS = 1000
 
@@ -343,7 +343,7 @@ def _fail(args: argparse.Namespace, exc: BaseException, prefix: str = "") -> Non
         import traceback
 
         traceback.print_exception(exc)
-    message = redact(f"{prefix}{exc}").splitlines()[0] if str(exc) else type(exc).__name__
+    message = redact(prefix + one_line(exc))
     print(f"convert: error: {message}", file=sys.stderr)
 
 

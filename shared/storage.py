@@ -115,6 +115,12 @@ def redact(text: Any) -> str:
     return _QUERY_SECRET.sub(r"\g<k>***", out)
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message as one line (multi-line library messages joined)."""
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    return text or type(exc).__name__
+
+
 def redact_url(url: str) -> str:
     """A URL fit for logs and manifests: no user info, no secrets."""
     return redact(url)
