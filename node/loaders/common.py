@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import bisect
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
