@@ -139,7 +139,8 @@ def loaders_cmd() -> None:
 @cli.command("cache")
 @store_options
 @rank_options
-@click.option("--format", "format_id", required=True, help="Format id to cache.")
+@click.option("--format", "format_id", required=True, metavar="ID",
+              help="Format id to cache (one of the dataset's formats).")
 @click.option("--cache", default=DEFAULT_CACHE, show_default=True, metavar="DIR",
               help="Local cache directory.")
 @_handle_errors
@@ -152,8 +153,11 @@ def cache_cmd(**kwargs: Any) -> None:
 
 @cli.command("run")
 @run_options
-@click.option("--format", "format_id", required=True, help="Format id to read.")
-@click.option("--loader", required=True, help="Loader name; see `node-agent loaders`.")
+@click.option("--format", "format_id", required=True, metavar="ID",
+              help="Format id to read (one of the dataset's formats).")
+@click.option("--loader", required=True, metavar="NAME",
+              help=f"Loader: {', '.join(_loader_names())}; `node-agent loaders` says "
+                   "which run here.")
 @_handle_errors
 def run_cmd(**kwargs: Any) -> None:
     """Cache, train with one loader, measure, and append the results."""
@@ -166,8 +170,11 @@ def run_cmd(**kwargs: Any) -> None:
 
 @cli.command("bench")
 @run_options
-@click.option("--format", "format_id", required=True, help="Format id to read.")
-@click.option("--loader", required=True, help="Loader name; see `node-agent loaders`.")
+@click.option("--format", "format_id", required=True, metavar="ID",
+              help="Format id to read (one of the dataset's formats).")
+@click.option("--loader", required=True, metavar="NAME",
+              help=f"Loader: {', '.join(_loader_names())}; `node-agent loaders` says "
+                   "which run here.")
 @click.option("--emulate-step-ms", type=click.FloatRange(min=0), default=None,
               help="Sleep this long per step, standing in for an accelerator's step.")
 @_handle_errors
