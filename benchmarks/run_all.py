@@ -24,7 +24,7 @@ BENCHMARKS = {
     "peers": ["peers.py"],
 }
 QUICK_ARGS = {"peers": ["--samples", "10000"]}
-RATIO = re.compile(r"ratio\s+[0-9.]+", re.I)
+RATIO = re.compile(r"(ratio|speed-up)\s+[0-9.]+", re.I)
 
 
 def main() -> int:
