@@ -652,6 +652,42 @@ def test_standalone_run_joins_head(ray_head: Any, cifar: datagen.GeneratedCifar,
     assert_exactly_once(store / "cifar10", m, cifar_expected(cifar))
 
 
+@pytest.mark.slow
+def test_ray_worker_killed_mid_task_is_retried(ray_head: Any, tmp_path: Path) -> None:
+    """SIGKILL of a Ray worker while it converts a shard: Ray retries the task, the
+    retry cleans the half-written shard, and every sample ends up exactly once."""
+    import psutil
+
+    gen = datagen.make_cifar10_python(tmp_path / "c.tar.gz", train_per_batch=120, test=40,
+                                      seed=5)
+    store = tmp_path / "store"
+    proc = subprocess.Popen(
+        [sys.executable, CONVERT, *cifar_args(gen.path, store, "all", "--address",
+                                              f"127.0.0.1:{ray_head.gcs_port}")],
+        cwd=REPO, env=ray_head.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    killed: list[int] = []
+
+    def kill_a_worker() -> bool:
+        for child in psutil.Process(ray_head.proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "ray::convert_shard" in " ".join(child.cmdline()):
+                    child.send_signal(signal.SIGKILL)
+                    killed.append(child.pid)
+                    return True
+        return False
+
+    try:
+        wait_for(kill_a_worker, 120, proc, "a worker running convert_shard")
+        out, err = proc.communicate(timeout=300)
+    finally:
+        kill_group(proc)
+    assert killed
+    assert proc.returncode == 0, err[-3000:]
+    m = Manifest.load(Store.open(str(store)), "cifar10")
+    assert_cifar_pixels(assert_exactly_once(store / "cifar10", m, cifar_expected(gen)), gen)
+
+
 # --------------------------------------------------------------------------- 5. S3
 
 
