@@ -279,76 +279,8 @@ def test_store_outage_mid_cache_fill(start_s3: Callable[[], Any], tmp_path: Path
 
 
 # --------------------------------------------------------------------------- 2. results
-
-WRITER = """
-import pathlib, sys, time
-from shared.results import write_rows
-from shared.storage import Store, parse_storage_options
-url, options, writer, nfiles, sync = sys.argv[1:6]
-store = Store.open(url, parse_storage_options(options))
-sync = pathlib.Path(sync)
-(sync / f"ready-{writer}").touch()
-deadline = time.monotonic() + 120
-while not (sync / "go").exists():
-    if time.monotonic() > deadline:
-        sys.exit("no go signal")
-    time.sleep(0.002)
-for i in range(int(nfiles)):
-    run_id = f"{writer}-{i}"
-    write_rows(store, "runs", [{"run_id": run_id, "host": writer, "rank": i}])
-    write_rows(store, "epochs", [{"run_id": run_id, "epoch": e} for e in range(2)])
-"""
-
-
-def test_eight_writers_into_one_s3_results_store(s3_server: Any, s3_bucket: str,
-                                                 tmp_path: Path) -> None:
-    """Eight processes released at once, three runs each; half take their credentials
-    from the environment, half from --storage-options."""
-    writers, each = 8, 3
-    url = f"{s3_bucket}/results"
-    options = json.dumps(s3_server.storage_options)
-    bare_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    bare_env.update(AWS_RESPONSE_CHECKSUM_VALIDATION="when_required",
-                    AWS_REQUEST_CHECKSUM_CALCULATION="when_required")
-    sync = tmp_path / "sync"
-    sync.mkdir()
-    procs = []
-    try:
-        for n in range(writers):
-            env, opts = (s3_server.env(), "") if n % 2 else (bare_env, options)
-            procs.append(subprocess.Popen(
-                [sys.executable, "-c", WRITER, url, opts, f"w{n}", str(each), str(sync)],
-                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                start_new_session=True))
-        deadline = time.monotonic() + 120
-        while len(list(sync.glob("ready-*"))) < writers:
-            for proc in procs:
-                if proc.poll() not in (None, 0):
-                    pytest.fail(proc.communicate()[0].decode())
-            assert time.monotonic() < deadline, "writers did not start"
-            time.sleep(0.01)
-        (sync / "go").touch()
-        for proc in procs:
-            out, _ = proc.communicate(timeout=120)
-            assert proc.returncode == 0, out.decode()
-    finally:
-        for proc in procs:
-            kill_group(proc)
-
-    so = s3_server.storage_options
-    expected = sorted(f"w{n}-{i}" for n in range(writers) for i in range(each))
-    runs = pd.read_parquet(f"{url}/runs", storage_options=so)
-    assert sorted(runs["run_id"]) == expected
-    epochs = pd.read_parquet(f"{url}/epochs", storage_options=so)
-    assert sorted(epochs["run_id"]) == sorted(r for r in expected for _ in range(2))
-    store = Store.open(url, so)
-    for table, rows in (("runs", 1), ("epochs", 2)):
-        files = store.walk_files(table)
-        assert len(files) == writers * each, files
-        for rel in files:  # every file whole and readable on its own
-            assert rel.endswith(".parquet") and not rel.rsplit("/", 1)[1].startswith(".")
-            frame = pd.read_parquet(store.url_of(rel), storage_options=so)
-            assert len(frame) == rows and (frame["schema_version"] == 1).all()
+# Eight concurrent writers into one S3 results store: tests/shared/test_results.py
+# (test_eight_processes_s3), next to the local cases.
 
 
 # --------------------------------------------------------------------------- 3. escapes

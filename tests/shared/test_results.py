@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -150,13 +152,19 @@ for i in range(int(nfiles)):
 
 
 def run_writers(url: str, writers: int, files_each: int, sync: Path,
-                env: dict[str, str] | None = None, options: str = "") -> None:
-    """Start ``writers`` processes, release them at once, and wait for all."""
+                env: dict[str, str] | None = None, options: str = "",
+                per_writer: Callable[[int], tuple[dict[str, str] | None, str]] | None = None,
+                ) -> None:
+    """Start ``writers`` processes, release them at once, and wait for all.
+
+    ``per_writer(n)`` gives writer ``n`` its own environment and storage options.
+    """
     sync.mkdir(parents=True, exist_ok=True)
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, url, options, f"w{n}",
-                               str(files_each), str(sync)], cwd=REPO, env=env,
+    setups = [per_writer(n) if per_writer else (env, options) for n in range(writers)]
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, url, opts, f"w{n}",
+                               str(files_each), str(sync)], cwd=REPO, env=penv,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for n in range(writers)]
+             for n, (penv, opts) in enumerate(setups)]
     try:
         deadline = time.monotonic() + 60
         while len(list(sync.glob("ready-*"))) < writers:
@@ -167,7 +175,7 @@ def run_writers(url: str, writers: int, files_each: int, sync: Path,
             time.sleep(0.01)
         (sync / "go").touch()
         for proc in procs:
-            out, _ = proc.communicate(timeout=60)
+            out, _ = proc.communicate(timeout=120)
             assert proc.returncode == 0, out.decode()
     finally:
         for proc in procs:
@@ -218,3 +226,26 @@ def test_two_processes_s3(s3_server, s3_bucket: str, tmp_path: Path) -> None:
     for rel in files:
         assert pq.read_table(store.open_file(rel, "rb")).num_rows == 1
     assert sorted(read_table(store, "runs")["run_id"]) == expected_ids(2, 3)
+
+
+def test_eight_processes_s3(s3_server, s3_bucket: str, tmp_path: Path) -> None:
+    """Eight writers released at once into one S3 results store; half take their
+    credentials from the AWS environment, half from --storage-options."""
+    url = s3_bucket + "/results"
+    options = json.dumps(s3_server.storage_options)
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    bare.update(AWS_RESPONSE_CHECKSUM_VALIDATION="when_required",
+                AWS_REQUEST_CHECKSUM_CALCULATION="when_required")
+    run_writers(url, 8, 3, tmp_path / "sync",
+                per_writer=lambda n: (s3_server.env(), "") if n % 2 else (bare, options))
+    so = s3_server.storage_options
+    assert sorted(pd.read_parquet(url + "/runs", storage_options=so)["run_id"]) == \
+        expected_ids(8, 3)
+    assert len(pd.read_parquet(url + "/epochs", storage_options=so)) == 8 * 3 * 3
+    store = Store.open(url, so)
+    for table, rows in (("runs", 1), ("epochs", 3)):
+        files = store.walk_files(table)
+        assert len(files) == 8 * 3, files
+        for rel in files:  # every file whole and readable on its own
+            assert rel.endswith(".parquet") and not rel.rsplit("/", 1)[1].startswith(".")
+            assert pq.read_table(store.open_file(rel, "rb")).num_rows == rows
