@@ -125,6 +125,15 @@ def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return rank_options(store_options(fn))
 
 
+def pair_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--format and --loader: the one pair a run or bench measures."""
+    fn = click.option("--loader", required=True, metavar="NAME",
+                      help=f"Loader: {', '.join(_loader_names())}; `node-agent loaders` "
+                           "says which run here.")(fn)
+    return click.option("--format", "format_id", required=True, metavar="ID",
+                        help="Format id to read (one of the dataset's formats).")(fn)
+
+
 # ----------------------------------------------------------------------------- commands
 
 @cli.command("loaders")
@@ -153,11 +162,7 @@ def cache_cmd(**kwargs: Any) -> None:
 
 @cli.command("run")
 @run_options
-@click.option("--format", "format_id", required=True, metavar="ID",
-              help="Format id to read (one of the dataset's formats).")
-@click.option("--loader", required=True, metavar="NAME",
-              help=f"Loader: {', '.join(_loader_names())}; `node-agent loaders` says "
-                   "which run here.")
+@pair_options
 @_handle_errors
 def run_cmd(**kwargs: Any) -> None:
     """Cache, train with one loader, measure, and append the results."""
@@ -170,11 +175,7 @@ def run_cmd(**kwargs: Any) -> None:
 
 @cli.command("bench")
 @run_options
-@click.option("--format", "format_id", required=True, metavar="ID",
-              help="Format id to read (one of the dataset's formats).")
-@click.option("--loader", required=True, metavar="NAME",
-              help=f"Loader: {', '.join(_loader_names())}; `node-agent loaders` says "
-                   "which run here.")
+@pair_options
 @click.option("--emulate-step-ms", type=click.FloatRange(min=0), default=None,
               help="Sleep this long per step, standing in for an accelerator's step.")
 @_handle_errors
