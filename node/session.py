@@ -39,6 +39,7 @@ class RunSession:
     results: Store
     quiet: bool = False
     run_id: str = field(default_factory=new_id)
+    model_checksum: str | None = field(default=None, init=False)  # set by a training run
 
     def execute(self) -> dict[str, Any]:
         """Cache, load, train or bench, and write the rows; returns the ``runs`` row."""
@@ -77,7 +78,7 @@ class RunSession:
             epochs = result.epochs
             row.update(result.run_columns())
             row["io_path"] = getattr(train, "io_path", "host")
-            row["model_checksum"] = getattr(self, "model_checksum", None)
+            row["model_checksum"] = self.model_checksum
             row["status"] = "ok"
         except UsageError:
             raise
