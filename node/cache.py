@@ -482,9 +482,10 @@ def _scan(folder: Path) -> set[str]:
     return present
 
 
-def _slice(local: Path, index: pa.Table, rng: ShardRange) -> ShardSlice:
+def _slice(location: str | Path, index: pa.Table, rng: ShardRange) -> ShardSlice:
+    """The read slice of one shard at ``location`` (a cached folder or a store URL)."""
     files = tuple(index.column("file").to_pylist()) if "file" in index.column_names else None
-    return ShardSlice(location=str(local),
+    return ShardSlice(location=str(location),
                       labels=np.asarray(index.column("label").to_numpy(), dtype=np.int64),
                       files=files, start=rng.start, stop=rng.stop,
                       keys=tuple(index.column("key").to_pylist()))
@@ -503,12 +504,7 @@ def remote_slices(store: Store, manifest: Manifest,
             index = read_index(data)
         except PathEscapeError as exc:
             raise BadIndex(f"{rel}/{INDEX_FILE}: {exc}; refusing the dataset") from None
-        files = tuple(index.column("file").to_pylist()) if "file" in index.column_names else None
-        out.append(ShardSlice(location=store.url_of(rel),
-                              labels=np.asarray(index.column("label").to_numpy(),
-                                                dtype=np.int64),
-                              files=files, start=rng.start, stop=rng.stop,
-                              keys=tuple(index.column("key").to_pylist())))
+        out.append(_slice(store.url_of(rel), index, rng))
     return out
 
 

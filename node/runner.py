@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from node.cache import CacheStats, ShardCache, assign, val_split
+from node.cache import CacheStats, ShardCache, assign, remote_slices, val_split
 from node.errors import UsageError
 from node.loaders.base import LoaderConfig, ShardSlice
 from shared.formats import Format, UnknownFormat, get_format
@@ -103,9 +104,13 @@ def open_dataset(store_url: str, dataset: str,
 
 
 def fill_cache(store: Store, manifest: Manifest, format_id: str, cache_dir: str, rank: int,
-               world_size: int, *, with_val: bool | None = None,
+               world_size: int, *, with_val: bool | None = None, no_cache: bool = False,
                progress: bool = False) -> CacheFill:
-    """Fetch the rank's train shards (and, on rank 0, the whole val split)."""
+    """Fetch the rank's train shards (and, on rank 0, the whole val split).
+
+    With ``no_cache`` nothing is fetched: the slices point at the store itself and only
+    the indexes are read.
+    """
     if "train" not in manifest.split_names:
         raise UsageError(f"dataset {manifest.name!r} has no train split "
                          f"(splits: {', '.join(manifest.split_names)})")
@@ -113,6 +118,12 @@ def fill_cache(store: Store, manifest: Manifest, format_id: str, cache_dir: str,
     with_val = (rank == 0) if with_val is None else with_val
     train_ranges = assign(manifest, format_id, "train", rank, world_size)
     val_ranges = assign(manifest, format_id, val_name) if (val_name and with_val) else []
+    if no_cache:
+        t0 = time.perf_counter()
+        train = remote_slices(store, manifest, train_ranges)
+        val = remote_slices(store, manifest, val_ranges)
+        return CacheFill(train, val, val_name if val_ranges else None,
+                         CacheStats(seconds=time.perf_counter() - t0))
     total_files = _count_files(manifest, format_id, train_ranges + val_ranges)
     bar, on_file = _progress(progress, total_files, f"cache {manifest.name}/{format_id}")
     cache = ShardCache(store, manifest, cache_dir, on_file=on_file)
@@ -215,7 +226,10 @@ def build_loader(loader_cls: type, fmt: Format, slices: list[ShardSlice], manife
         seed=config.seed, device=device,
         image_shape=(manifest.height, manifest.width, manifest.channels), shuffle=shuffle,
         storage_options=dict(options))
-    loader = loader_cls(loader_config)
+    try:
+        loader = loader_cls(loader_config)
+    except LoaderUnavailable as exc:
+        raise UsageError(f"loader {loader_cls.name!r}: {exc}") from None
     try:
         loader.check_fits()
     except LoaderUnavailable as exc:

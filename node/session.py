@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,6 @@ import torch
 
 from node.errors import UsageError
 from node.runner import RunConfig, build_loader, fill_cache, host_name
-from node.cache import remote_slices
 from node.telemetry import (Sampler, evict_page_cache, gpu_name, hardware_info,
                             page_cache_fits, versions_info)
 from shared.formats import Format
@@ -134,21 +132,8 @@ class RunSession:
 
     def _cache(self) -> Any:
         cfg = self.config
-        if cfg.no_cache:
-            from node.cache import CacheStats, assign, val_split
-            from node.runner import CacheFill
-
-            train_ranges = assign(self.manifest, self.fmt.id, "train", self.rank,
-                                  self.world_size)
-            val_name = val_split(self.manifest)
-            val_ranges = (assign(self.manifest, self.fmt.id, val_name)
-                          if val_name and self.rank == 0 else [])
-            t0 = time.perf_counter()
-            train = remote_slices(self.store, self.manifest, train_ranges)
-            val = remote_slices(self.store, self.manifest, val_ranges)
-            return CacheFill(train, val, val_name, CacheStats(seconds=time.perf_counter() - t0))
         return fill_cache(self.store, self.manifest, self.fmt.id, cfg.cache, self.rank,
-                          self.world_size, progress=not self.quiet)
+                          self.world_size, no_cache=cfg.no_cache, progress=not self.quiet)
 
     def _fit(self, train: Any, val: Any, sampler: Sampler, before_epoch: Any,
              ddp: bool) -> Any:

@@ -126,10 +126,13 @@ class Loader(abc.ABC):
 
     name: ClassVar[str]
     device_kind: ClassVar[str] = "cpu"
+    summary: ClassVar[str] = ""  # one line: the data path
     formats_help: ClassVar[str] = ""  # for `node-agent loaders`, e.g. "npy"
     io_path: str = "host"
 
     def __init__(self, config: LoaderConfig) -> None:
+        if self.device_kind == "cuda" and config.device.type != "cuda":
+            raise LoaderUnavailable(f"{self.name}: needs --device cuda, got {config.device}")
         self.config = config
 
     @classmethod

@@ -66,8 +66,6 @@ class CupyLoader(Loader):
 
     def __init__(self, config: LoaderConfig) -> None:
         super().__init__(config)
-        if config.device.type != "cuda":
-            raise LoaderUnavailable(f"{self.name}: needs --device cuda, got {config.device}")
         self.io_path = IO_HOST
         self.io_detail = "not loaded yet"
         self._buffer: Any = None  # the CuPy array that owns the memory

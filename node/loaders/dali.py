@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from node.loaders.base import Batch, Loader, LoaderConfig, LoaderUnavailable
+from node.loaders.base import Batch, Loader, LoaderConfig
 from node.loaders.gpu import (
     IO_COMPAT,
     IO_HOST,
@@ -68,8 +68,6 @@ class _DaliLoader(Loader):
 
     def __init__(self, config: LoaderConfig) -> None:
         super().__init__(config)
-        if config.device.type != "cuda":
-            raise LoaderUnavailable(f"{self.name}: needs --device cuda, got {config.device}")
         self._paths = rank_files(config.shards)
         # File sizes once, so bytes_read counts what the reader really read.
         self._sizes = np.array([os.path.getsize(p) for p in self._paths], dtype=np.int64)

@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from node.loaders.base import Batch, Loader, LoaderConfig, LoaderUnavailable
+from node.loaders.base import Batch, Loader, LoaderConfig
 from node.loaders.common import ShardMap
 from node.loaders.gpu import (
     IO_COMPAT,
@@ -250,8 +250,6 @@ class KvikioLoader(Loader):
 
     def __init__(self, config: LoaderConfig) -> None:
         super().__init__(config)
-        if config.device.type != "cuda":
-            raise LoaderUnavailable(f"{self.name}: needs --device cuda, got {config.device}")
         self.io_path = IO_COMPAT
         self.io_detail = "no reads yet"
         self._map = ShardMap(config.shards)

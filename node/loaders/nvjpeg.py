@@ -15,7 +15,7 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from node.loaders.base import Batch, LoaderConfig, LoaderUnavailable
+from node.loaders.base import Batch, LoaderConfig
 from node.loaders.common import BatchReader, WorkerLoader, empty_batch
 from node.loaders.file import read_file
 from node.loaders.gpu import IO_HOST, cuda_reason, rank_files, torchvision_nvjpeg_reason
@@ -71,8 +71,6 @@ class NvjpegLoader(WorkerLoader):
     io_path = IO_HOST
 
     def __init__(self, config: LoaderConfig) -> None:
-        if config.device.type != "cuda":
-            raise LoaderUnavailable(f"{self.name}: needs --device cuda, got {config.device}")
         super().__init__(config)
         self.io_detail = "files read into host memory by workers, decoded on the GPU"
 
