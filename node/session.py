@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,8 +14,9 @@ import torch
 
 from node.errors import UsageError
 from node.runner import RunConfig, build_loader, fill_cache, host_name
-from node.telemetry import (Sampler, evict_page_cache, gpu_name, hardware_info,
-                            page_cache_fits, versions_info)
+from node.machine import (cpu_budget, evict_page_cache, hardware_id, hardware_info,
+                          page_cache_fits, versions_info)
+from node.telemetry import Sampler, gpu_name
 from shared.formats import Format
 from shared.manifest import Manifest
 from shared.results import new_id, utc_now, write_rows
@@ -50,7 +53,7 @@ class RunSession:
         if self.device.type == "cpu":
             # Leave cores to the DataLoader workers: on a small machine intra-op threads
             # competing with them slow every step down (recorded in the config column).
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.workers))
+            torch.set_num_threads(max(1, row["cpu_budget"] - cfg.workers))
             row["config"]["torch_threads"] = torch.get_num_threads()
         try:
             fill = self._cache()
@@ -65,17 +68,12 @@ class RunSession:
                                    self.device, shuffle=False,
                                    options=self.store.storage_options)
                 loaders.append(val)
-            cached_paths = fill.stats.paths
-
-            def before_epoch(epoch: int) -> None:
-                if cfg.cold and cached_paths:
-                    evict_page_cache(cached_paths)
-
+            before_epoch = _evictor(loaders, fill.stats.paths) if cfg.cold else None
             with Sampler(gpu=self.device.type == "cuda") as sampler:
                 result = self._fit(train, val, sampler, before_epoch, ddp)
             epochs = result.epochs
             row.update(result.run_columns())
-            row["io_path"] = getattr(train, "io_path", "host")
+            row.update(self._loader_columns(train, sampler))
             row["model_checksum"] = self.model_checksum
             row["status"] = "ok"
         except UsageError:
@@ -99,6 +97,7 @@ class RunSession:
     def _base_row(self, started: Any) -> dict[str, Any]:
         cfg = self.config
         model = cfg.model or DEFAULT_MODEL[self.device.type]
+        hardware = hardware_info(Path(cfg.cache))
         return {
             "run_id": self.run_id, "started_at": started, "status": "failed",
             "host": host_name(), "rank": self.rank, "world_size": self.world_size,
@@ -112,9 +111,21 @@ class RunSession:
             "image_size": self.manifest.height, "versions": versions_info(),
             "config": cfg.public() | {"model": model, "rank": self.rank,
                                       "world_size": self.world_size},
-            "hardware": hardware_info(Path(cfg.cache)), "repeat": cfg.repeat,
+            "hardware": hardware, "hardware_id": hardware_id(hardware), "repeat": cfg.repeat,
             "mode": cfg.mode, "emulated_step_ms": cfg.emulate_step_ms,
+            "cpu_budget": cpu_budget(), "cold_requested": cfg.cold,
         }
+
+    @staticmethod
+    def _loader_columns(train: Any, sampler: Sampler) -> dict[str, Any]:
+        """What the loader says about its data path and resources, and the memory kinds."""
+        resources = train.resources()
+        return {"io_path": getattr(train, "io_path", "host"),
+                "io_path_evidence": getattr(train, "io_evidence", "") or None,
+                "loader_threads": resources.get("threads"),
+                "loader_processes": resources.get("processes"),
+                "ram_kind": sampler.memory_kind,
+                "vram_kind": sampler.vram_kind}
 
     def _init_distributed(self) -> bool:
         if self.world_size <= 1 or "MASTER_ADDR" not in os.environ:
@@ -175,6 +186,25 @@ def weights_checksum(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def _evictor(loaders: list[Any], paths: list[str]) -> Callable[[int], None]:
+    """``--cold``'s step before each epoch: close the loaders' maps and files, then
+    flush and drop the cached files' pages (DESIGN section 8).
+
+    Whether it worked is judged after the epoch from its measured reads; a file still
+    mapped here is said at once on stderr.
+    """
+
+    def before_epoch(epoch: int) -> None:
+        for loader in loaders:
+            loader.release()
+        report = evict_page_cache(paths)
+        if report.mapped or report.failed:
+            print(f"epoch {epoch}: --cold could not evict {len(report.mapped)} mapped and "
+                  f"{report.failed} unadvisable cached files", file=sys.stderr)
+
+    return before_epoch
 
 
 def _close_quietly(loader: Any) -> None:

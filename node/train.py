@@ -11,6 +11,7 @@ the right side (DESIGN section 8), and produces one ``epochs`` row per epoch.
 from __future__ import annotations
 
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -346,12 +347,14 @@ class TrainResult:
         val: the last validation result, None without a validation loader.
         total_time_s: wall time of the whole fit (hooks and validation included).
         telemetry: the sampler's figures over the whole fit, None without a sampler.
+        waits: every step's batch wait (seconds), all epochs in order.
     """
 
     epochs: list[dict[str, Any]]
     val: EvalResult | None
     total_time_s: float
     telemetry: WindowStats | None = None
+    waits: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def run_columns(self) -> dict[str, Any]:
         """The run-level figures under their ``runs`` column names.
@@ -379,11 +382,15 @@ class TrainResult:
             "throughput_img_s": samples / wall if wall else None,
             "bytes_read": sum(e["bytes_read"] for e in self.epochs),
             "disk_read_bytes": None if any(d is None for d in disks) else sum(disks),
-            "peak_ram_bytes": _peak(e["peak_ram_bytes"] for e in self.epochs),
-            "peak_vram_bytes": _peak(e["peak_vram_bytes"] for e in self.epochs),
             "cpu_util_mean_pct": _weighted(self.epochs, "cpu_util_mean_pct"),
             "gpu_util_mean_pct": _weighted(self.epochs, "gpu_util_mean_pct"),
+            "cold_epochs": sum(1 for e in self.epochs if e["cold"]),
+            "time_to_first_batch_s": self.epochs[0]["time_to_first_batch_s"] if n else None,
+            **wait_percentiles(self.waits),
         }
+        for key in ("peak_ram_bytes", "peak_ram_anon_bytes", "peak_ram_file_bytes",
+                    "peak_vram_bytes"):
+            out[key] = _peak(e.get(key) for e in self.epochs)
         if self.val is not None:
             out.update(self.val.columns())
         return out
@@ -398,6 +405,68 @@ def _weighted(epochs: Sequence[dict[str, Any]], key: str) -> float | None:
     pairs = [(e[key], e["epoch_time_s"]) for e in epochs if e[key] is not None]
     wall = sum(w for _, w in pairs)
     return sum(v * w for v, w in pairs) / wall if wall else None
+
+
+def epoch_is_cold(disk_read: int | None, consumed: int) -> bool | None:
+    """Whether an epoch read its data from storage: at least half the bytes it consumed.
+
+    None where storage reads cannot be measured; never true by default.
+    """
+    if disk_read is None:
+        return None
+    return consumed > 0 and disk_read >= consumed / 2
+
+
+_PERCENTILES = (50, 95, 99)
+
+
+def wait_percentiles(waits: np.ndarray | Sequence[float]) -> dict[str, float | None]:
+    """``batch_wait_p50_s``, ``_p95_s``, ``_p99_s`` and ``_max_s`` of per-step waits
+    (NumPy's linear interpolation); None without steps."""
+    waits = np.asarray(waits, dtype=np.float64)
+    keys = [f"batch_wait_p{p}_s" for p in _PERCENTILES] + ["batch_wait_max_s"]
+    if not waits.size:
+        return dict.fromkeys(keys)
+    values = [*np.percentile(waits, _PERCENTILES).tolist(), float(waits.max())]
+    return dict(zip(keys, values, strict=True))
+
+
+class EpochClock:
+    """One epoch's per-step figures: batch waits, samples, bytes and stage times.
+
+    A stage time is the sum over the epoch's batches, None as soon as one batch does
+    not report it (the loader cannot tell that stage apart). Read and decode add up the
+    time of every worker or thread, so with parallel workers they can exceed the wall.
+    """
+
+    _STAGES = (("read_s", "read_time_s"), ("decode_s", "decode_time_s"),
+               ("h2d_s", "h2d_time_s"))
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+        self.samples = self.bytes_read = 0
+        self.stages: dict[str, float | None] = {attr: 0.0 for attr, _ in self._STAGES}
+
+    @property
+    def steps(self) -> int:
+        return len(self.waits)
+
+    def add(self, batch: Batch, wait_s: float) -> None:
+        """Count one step: ``batch`` arrived after waiting ``wait_s``."""
+        self.waits.append(wait_s)
+        self.samples += int(batch.labels.shape[0])
+        self.bytes_read += int(batch.bytes_read)
+        for attr, total in self.stages.items():
+            value = getattr(batch, attr, None)
+            self.stages[attr] = None if value is None or total is None else total + value
+
+    def columns(self) -> dict[str, Any]:
+        """The clock's figures under their ``epochs`` column names."""
+        return {"data_time_s": float(sum(self.waits)), "samples": self.samples,
+                "steps": self.steps, "bytes_read": self.bytes_read,
+                "time_to_first_batch_s": self.waits[0] if self.waits else None,
+                **wait_percentiles(self.waits),
+                **{col: self.stages[attr] for attr, col in self._STAGES}}
 
 
 class Trainer:
@@ -416,7 +485,9 @@ class Trainer:
             GPU and disk figures; without one, disk reads come from ``/proc`` directly
             and the other figures are None.
         max_steps: stop each epoch after this many steps (None: the whole epoch).
-        cold: every epoch reads from disk (``--cold``); the first epoch is cold anyway.
+        cold: ``--cold`` was asked for (the caller evicts before each epoch); an
+            epoch whose measured reads do not show it is reported on stderr.
+            Either way an epoch is flagged by :func:`epoch_is_cold`.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -433,6 +504,7 @@ class Trainer:
         self.sampler = sampler
         self.max_steps = max_steps
         self.cold = cold
+        self.waits: list[np.ndarray] = []  # each epoch's per-step batch waits
 
     @classmethod
     def build(cls, *, model: str, num_classes: int, image_size: int,
@@ -491,7 +563,8 @@ class Trainer:
         iterator, so worker start-up counts, each ``next()``, and the host-to-device
         copy, synchronised on CUDA); ``compute`` is preprocess + forward + backward +
         optimiser step, synchronised on CUDA. ``epoch_time_s`` runs from the creation of
-        the iterator to the end of the last step.
+        the iterator to the end of the last step. Each step's wait is kept
+        (:attr:`EpochClock.waits`) for the wait percentiles.
         """
         dev = self.device
         self.model.train()
@@ -503,8 +576,8 @@ class Trainer:
             sampler.mark()
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         correct = torch.zeros((), dtype=torch.int64, device=dev)
-        data_s = compute_s = 0.0
-        samples = steps = bytes_read = 0
+        clock = EpochClock()
+        compute_s = 0.0
 
         start = time.perf_counter()
         it = iter(loader.epoch(epoch))
@@ -518,7 +591,7 @@ class Trainer:
             labels = batch.labels.to(dev, non_blocking=True)
             self._sync()
             t1 = time.perf_counter()
-            data_s += t1 - t0
+            clock.add(batch, t1 - t0)
 
             n = labels.shape[0]
             loss, hits = self.step(images, labels)
@@ -528,25 +601,19 @@ class Trainer:
             self._sync()
             t0 = time.perf_counter()
             compute_s += t0 - t1
-
-            samples += n
-            steps += 1
-            bytes_read += int(batch.bytes_read)
-            if self.max_steps is not None and steps >= self.max_steps:
+            if self.max_steps is not None and clock.steps >= self.max_steps:
                 break
         epoch_s = time.perf_counter() - start
         close = getattr(it, "close", None)
         if close is not None:  # stop workers early when max_steps cut the epoch
             close()
+        self.waits.append(np.asarray(clock.waits))
 
+        samples = clock.samples
         row: dict[str, Any] = {
             "epoch": epoch,
-            "cold": self.cold or epoch == 0,
             "epoch_time_s": epoch_s,
-            "data_time_s": data_s,
             "compute_time_s": compute_s,
-            "samples": samples,
-            "steps": steps,
             "throughput_img_s": samples / epoch_s if epoch_s > 0 else None,
             "train_loss": float(loss_sum) / samples if samples and self.trains else None,
             "train_accuracy": int(correct) / samples if samples and self.trains else None,
@@ -558,8 +625,8 @@ class Trainer:
                                       if dev.type == "cuda" else None),
             "cpu_util_mean_pct": None,
             "gpu_util_mean_pct": None,
-            "bytes_read": bytes_read,
             "disk_read_bytes": None,
+            **clock.columns(),
         }
         if sampler is not None:
             row.update(sampler.window().columns())
@@ -567,7 +634,18 @@ class Trainer:
             disk1 = disk_read_bytes()
             row["disk_read_bytes"] = (disk1 - disk0) if disk0 is not None and disk1 is not None \
                 else None
+        row["cold"] = self._cold(epoch, row["disk_read_bytes"], row["bytes_read"])
         return row
+
+    def _cold(self, epoch: int, disk_read: int | None, consumed: int) -> bool | None:
+        """The epoch's ``cold`` flag from its measured reads; says so when ``--cold``
+        was asked for and the reads do not show it."""
+        cold = epoch_is_cold(disk_read, consumed)
+        if self.cold and cold is False:
+            print(f"epoch {epoch}: --cold, but only {disk_read:,} of the {consumed:,} bytes "
+                  "it consumed were read from storage (eviction not verified); recorded warm",
+                  file=sys.stderr)
+        return cold
 
     def fit(self, loader: BatchSource, epochs: int, *, val_loader: BatchSource | None = None,
             before_epoch: Callable[[int], None] | None = None) -> TrainResult:
@@ -582,6 +660,7 @@ class Trainer:
         start = time.perf_counter()
         rows: list[dict[str, Any]] = []
         val: EvalResult | None = None
+        self.waits = []
         for epoch in range(epochs):
             if before_epoch is not None:
                 before_epoch(epoch)
@@ -593,4 +672,5 @@ class Trainer:
             rows.append(row)
         total = time.perf_counter() - start
         telemetry = self.sampler.totals() if self.sampler is not None else None
-        return TrainResult(rows, val, total, telemetry)
+        waits = np.concatenate(self.waits) if self.waits else np.zeros(0)
+        return TrainResult(rows, val, total, telemetry, waits)

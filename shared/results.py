@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from shared.storage import Store, redact
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: measured cold, memory kinds, CPU budget, wait percentiles, stages
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -73,6 +73,23 @@ RUNS = pa.schema([
     ("emulated_step_ms", pa.float64()),
     ("confusion_matrix", pa.string()),  # JSON list of lists (rows: true class)
     ("model_checksum", pa.string()),  # trained weights; equal across ranks of a DDP job
+    # schema 2 (measure): what each figure is and what the run could use
+    ("ram_kind", pa.string()),           # "pss" or "rss"
+    ("vram_kind", pa.string()),          # "process" or "device"; null without VRAM figures
+    ("peak_ram_anon_bytes", pa.int64()),  # anonymous + shared memory (PSS/RSS as ram_kind)
+    ("peak_ram_file_bytes", pa.int64()),  # file-backed pages (mapped dataset, libraries)
+    ("cpu_budget", pa.int32()),          # cores the run may use (affinity, cgroup quota)
+    ("loader_threads", pa.int32()),
+    ("loader_processes", pa.int32()),
+    ("io_path_evidence", pa.string()),   # why io_path has its value
+    ("cold_requested", pa.bool_()),      # --cold
+    ("cold_epochs", pa.int32()),         # epochs verified cold by measured reads
+    ("hardware_id", pa.string()),        # short stable hash of the hardware JSON
+    ("time_to_first_batch_s", pa.float64()),  # first epoch's
+    ("batch_wait_p50_s", pa.float64()),  # over every step of the run
+    ("batch_wait_p95_s", pa.float64()),
+    ("batch_wait_p99_s", pa.float64()),
+    ("batch_wait_max_s", pa.float64()),
 ])
 
 EPOCHS = pa.schema([
@@ -97,6 +114,18 @@ EPOCHS = pa.schema([
     ("gpu_util_mean_pct", pa.float64()),
     ("bytes_read", pa.int64()),
     ("disk_read_bytes", pa.int64()),
+    # schema 2 (measure); `cold` is now measured: true only when reads show it, null
+    # where reads cannot be measured
+    ("time_to_first_batch_s", pa.float64()),
+    ("batch_wait_p50_s", pa.float64()),
+    ("batch_wait_p95_s", pa.float64()),
+    ("batch_wait_p99_s", pa.float64()),
+    ("batch_wait_max_s", pa.float64()),
+    ("read_time_s", pa.float64()),       # null where a loader cannot tell stages apart
+    ("decode_time_s", pa.float64()),
+    ("h2d_time_s", pa.float64()),
+    ("peak_ram_anon_bytes", pa.int64()),
+    ("peak_ram_file_bytes", pa.int64()),
 ])
 
 CONVERSIONS = pa.schema([

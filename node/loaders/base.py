@@ -14,6 +14,7 @@ reorder samples *within* a batch (e.g. sorted gathers) but not across batches.
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,12 +94,21 @@ class Batch:
         labels: int64 (N,).
         positions: int64 (N,) on the CPU, each sample's place in the rank's sequence.
         bytes_read: bytes the loader read from storage for this batch.
+        read_s: seconds spent reading this batch's bytes from storage (in whichever
+            worker or thread read them); None where the loader cannot tell reading
+            apart from decoding.
+        decode_s: seconds spent decoding it (0 for raw arrays); None as above.
+        h2d_s: seconds the host-to-device copy took in the main process (0 on the
+            CPU); None where the loader does not time it.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     positions: torch.Tensor
     bytes_read: int = 0
+    read_s: float | None = None
+    decode_s: float | None = None
+    h2d_s: float | None = None
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -122,6 +132,10 @@ class Loader(abc.ABC):
     Subclasses set ``name``, ``device_kind`` (``"cpu"`` or ``"cuda"``), ``summary``
     and implement :meth:`supports`, :meth:`epoch`; GPU loaders also
     :meth:`unavailable_reason`.
+
+    ``io_path`` says how bytes reached memory (``gds``, ``compat``, ``host``) and
+    ``io_evidence`` why it has that value (one line, recorded as
+    ``runs.io_path_evidence``).
     """
 
     name: ClassVar[str]
@@ -129,6 +143,7 @@ class Loader(abc.ABC):
     summary: ClassVar[str] = ""  # one line: the data path
     formats_help: ClassVar[str] = ""  # for `node-agent loaders`, e.g. "npy"
     io_path: str = "host"
+    io_evidence: str = ""
 
     def __init__(self, config: LoaderConfig) -> None:
         if self.device_kind == "cuda" and config.device.type != "cuda":
@@ -159,6 +174,21 @@ class Loader(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release workers, files and device memory."""
 
+    def release(self) -> None:  # noqa: B027 - optional hook
+        """Close every mapping and file handle (and drop user-space caches) the loader
+        holds, so their pages can leave the page cache (``--cold``); the next
+        :meth:`epoch` reopens them lazily. Loaders that hold none keep this no-op."""
+
+    def resources(self) -> dict[str, int]:
+        """CPU-side parallelism: ``threads`` that read or decode in this process (the
+        main thread when it does) and worker ``processes``.
+
+        The default fits loaders that read in DataLoader workers, or in the main
+        thread without them; loaders with their own pools override it.
+        """
+        workers = max(0, self.config.workers)
+        return {"threads": 0 if workers else 1, "processes": workers}
+
     def batches(self, epoch: int) -> list[np.ndarray]:
         c = self.config
         return epoch_batches(c.num_samples, c.batch_size, c.seed, epoch, c.shuffle)
@@ -170,6 +200,20 @@ def to_device(images: torch.Tensor, labels: torch.Tensor,
     if device.type == "cpu":
         return images, labels
     return (images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+
+
+def timed_to_device(images: torch.Tensor, labels: torch.Tensor,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """:func:`to_device`, waiting for the copy to finish; returns its seconds too.
+
+    The trainer synchronises after every batch anyway, so waiting here costs nothing
+    and lets the copy be timed apart from the wait for the batch.
+    """
+    t0 = time.perf_counter()
+    images, labels = to_device(images, labels, device)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    return images, labels, time.perf_counter() - t0
 
 
 def shard_dirs(config: LoaderConfig) -> Sequence[Path]:

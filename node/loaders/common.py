@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from node.loaders.base import Batch, Loader, LoaderConfig, ShardSlice, to_device
+from node.loaders.base import Batch, Loader, LoaderConfig, ShardSlice, timed_to_device
 
 # In-flight prefetched batches per loader are capped at about this many bytes, so
 # large images with many workers do not pin gigabytes of host memory.
@@ -33,6 +33,8 @@ class HostBatch(NamedTuple):
     labels: torch.Tensor
     positions: torch.Tensor
     bytes_read: int
+    read_s: float | None = None
+    decode_s: float | None = None
 
 
 class ShardMap:
@@ -102,8 +104,12 @@ class BatchReader(Dataset[HostBatch], abc.ABC):
 
     An instance is built in the main process and inherited by each DataLoader worker,
     so it must hold only plain data until :meth:`read` runs; handles (h5py files,
-    zarr arrays) are opened lazily in the process that reads.
+    zarr arrays) are opened lazily in the process that reads. Items come as
+    ``(generation, positions)``: a new generation (:meth:`WorkerLoader.release`)
+    closes the process's handles first, so persistent workers reopen them.
     """
+
+    generation = 0
 
     def __init__(self, config: LoaderConfig) -> None:
         self.shard_map = ShardMap(config.shards)
@@ -113,34 +119,42 @@ class BatchReader(Dataset[HostBatch], abc.ABC):
     def read(self, positions: np.ndarray) -> HostBatch:
         """Read the samples at ``positions`` (any order; the batch may be reordered)."""
 
-    def __getitem__(self, positions: np.ndarray) -> HostBatch:
-        return self.read(np.asarray(positions, dtype=np.int64))
+    def __getitem__(self, item: tuple[int, np.ndarray] | np.ndarray) -> HostBatch:
+        if isinstance(item, tuple):
+            generation, item = item
+            if generation != self.generation:
+                self.close()  # handles (and caches) of the last generation's files
+                self.generation = generation
+        return self.read(np.asarray(item, dtype=np.int64))
 
     def empty_images(self, n: int) -> torch.Tensor:
         """An uninitialised uint8 (n, H, W, C) tensor for a batch."""
         return empty_batch((n, *self.image_shape))
 
-    def host_batch(self, images: torch.Tensor, positions: np.ndarray,
-                   bytes_read: int) -> HostBatch:
+    def host_batch(self, images: torch.Tensor, positions: np.ndarray, bytes_read: int, *,
+                   read_s: float | None = None, decode_s: float | None = None) -> HostBatch:
         """Wrap a filled batch, adding the labels of ``positions``."""
         positions = np.ascontiguousarray(positions, dtype=np.int64)
         return HostBatch(images, torch.from_numpy(self.shard_map.labels[positions]),
-                         torch.from_numpy(positions), int(bytes_read))
+                         torch.from_numpy(positions), int(bytes_read), read_s, decode_s)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release handles opened in this process."""
 
 
-class _EpochBatchSampler(Sampler[np.ndarray]):
-    """Yields the current epoch's batches of positions; set :attr:`epoch` first."""
+class _EpochBatchSampler(Sampler[tuple[int, np.ndarray]]):
+    """Yields ``(generation, positions)`` of the current epoch's batches; set
+    :attr:`epoch` first, and bump :attr:`generation` to make readers reopen files."""
 
     def __init__(self, batches: Callable[[int], list[np.ndarray]], length: int) -> None:
         self._batches = batches
         self._length = length
         self.epoch = 0
+        self.generation = 0
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return iter(self._batches(self.epoch))
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        generation = self.generation
+        return ((generation, b) for b in self._batches(self.epoch))
 
     def __len__(self) -> int:
         return self._length
@@ -195,9 +209,21 @@ class WorkerLoader(Loader):
         # The sampler is iterated in this process when the DataLoader iterator starts.
         self._sampler.epoch = epoch
         for item in self._dataloader:
-            images, labels = to_device(item.images, item.labels, self.config.device)
+            images, labels, h2d_s = timed_to_device(item.images, item.labels,
+                                                    self.config.device)
             yield Batch(images=images, labels=labels, positions=item.positions,
-                        bytes_read=item.bytes_read)
+                        bytes_read=item.bytes_read, read_s=item.read_s,
+                        decode_s=item.decode_s, h2d_s=h2d_s)
+
+    def release(self) -> None:
+        """Close the reader's handles here, and in each worker before its next read.
+
+        Workers stay up (their start-up is not part of a cold epoch); only
+        :meth:`BatchReader.close` runs in them, at the first item of the next epoch.
+        """
+        self._sampler.generation += 1
+        if self._reader is not None:
+            self._reader.close()
 
     def close(self) -> None:
         dataloader, self._dataloader = self._dataloader, None

@@ -9,6 +9,7 @@ through the format's own (Pillow) decoder, and ``npy-files`` through NumPy.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from typing import ClassVar
 
@@ -73,7 +74,9 @@ class FileBatchReader(BatchReader):
         shard_no, index = self.shard_map.locate(positions)
         paths = [self.prefixes[s] + self.files[s][i]
                  for s, i in zip(shard_no.tolist(), index.tolist(), strict=True)]
+        t0 = time.perf_counter()
         data = [read_file(p) for p in paths]
+        t1 = time.perf_counter()
         images = self.empty_images(len(paths))
         family = self.fmt.family
         if family == "jpeg":
@@ -89,7 +92,8 @@ class FileBatchReader(BatchReader):
                 image = self.fmt.decode(d)  # type: ignore[arg-type]  # bytes-like is enough
                 self._check_shape(image.shape, paths[k])
                 out[k] = image
-        return self.host_batch(images, positions, sum(len(d) for d in data))
+        return self.host_batch(images, positions, sum(len(d) for d in data),
+                               read_s=t1 - t0, decode_s=time.perf_counter() - t1)
 
     def _put_chw(self, images: torch.Tensor, decoded: list[torch.Tensor],
                  paths: list[str]) -> None:
@@ -113,6 +117,8 @@ class FileLoader(WorkerLoader):
     summary: ClassVar[str] = ("decode in DataLoader workers (torchvision.io for JPEG/PNG/WebP, "
                               "Pillow for the rest), batched fetches, pinned memory")
     formats_help: ClassVar[str] = "jpeg-*, png, bmp, tiff*, jp2-*, webp-*, npy-files"
+    io_evidence: ClassVar[str] = ("host: each file read with POSIX read() into host memory "
+                                  "(DataLoader workers), decoded on the CPU")
 
     @classmethod
     def supports(cls, fmt: Format) -> bool:

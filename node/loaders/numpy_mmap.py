@@ -7,10 +7,16 @@ run in the main process: per-batch overhead is what limits small images, and a
 DataLoader round trip would cost more than the gather. With ``config.workers > 0`` a
 thread pool gathers the next batches ahead (NumPy copies release the GIL, so page
 faults on a cold cache overlap). ``bytes_read`` is the gathered slices' ``nbytes``.
+
+Stage times: ``read_s`` is the gather (page faults included: that is where the bytes
+come from storage), ``decode_s`` 0 (raw arrays), ``h2d_s`` the copy to the device.
+:meth:`NumpyMmapLoader.release` unmaps every shard (mapped pages cannot leave the page
+cache); the next epoch maps them again.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,15 +59,19 @@ class _Staging:
         return self.pinned[slot][:n]
 
     def publish(self, host: torch.Tensor, labels: torch.Tensor,
-                seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Move a filled buffer (and its labels) to the device."""
+                seq: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Move a filled buffer (and its labels) to the device; also the copy's seconds
+        (waited for: the trainer synchronises after each batch anyway)."""
         if not self.pinned:
-            return host, labels
+            return host, labels, 0.0
+        t0 = time.perf_counter()
         images = host.to(self.device, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         self.events[seq % len(self.pinned)] = event
-        return images, labels.to(self.device)
+        labels = labels.to(self.device)
+        event.synchronize()
+        return images, labels, time.perf_counter() - t0
 
 
 class NumpyMmapLoader(Loader):
@@ -70,10 +80,19 @@ class NumpyMmapLoader(Loader):
     name: ClassVar[str] = "numpy_mmap"
     summary: ClassVar[str] = "memory-mapped array, whole-batch gathers with sorted indices"
     formats_help: ClassVar[str] = "npy"
+    io_evidence: ClassVar[str] = ("host: page faults on a read-only memory map of "
+                                  "images.npy into host memory")
 
     def __init__(self, config: LoaderConfig) -> None:
         super().__init__(config)
         self._map = ShardMap(config.shards)
+        self._readers: list = []
+        self._arrays: list[np.ndarray] = []
+        self._open()
+        self._sample_bytes = int(np.prod(config.image_shape))
+
+    def _open(self) -> None:
+        config = self.config
         self._readers = [config.fmt.open_reader(s.location, num_samples=len(s.labels))
                          for s in config.shards]
         # Plain ndarray views: np.memmap's subclass hooks cost time on every take.
@@ -82,14 +101,18 @@ class NumpyMmapLoader(Loader):
             if a.shape[1:] != tuple(config.image_shape) or len(a) < s.stop:
                 raise ValueError(f"{s.location}: images.npy is {a.shape}, expected at least "
                                  f"{s.stop} samples of {tuple(config.image_shape)}")
-        self._sample_bytes = int(np.prod(config.image_shape))
+
+    def resources(self) -> dict[str, int]:
+        """Gathers run in the main thread, or in a pool of ``workers`` threads."""
+        return {"threads": max(1, self.config.workers), "processes": 0}
 
     @classmethod
     def supports(cls, fmt: Format) -> bool:
         return fmt.id == "npy"
 
     def _gather(self, batch: np.ndarray, seq: int,
-                staging: _Staging) -> tuple[torch.Tensor, np.ndarray]:
+                staging: _Staging) -> tuple[torch.Tensor, np.ndarray, float]:
+        t0 = time.perf_counter()
         positions = np.sort(batch)
         host = staging.buffer(len(positions), seq)
         out = host.numpy()
@@ -97,29 +120,31 @@ class NumpyMmapLoader(Loader):
             # mode="clip": indices come from the shard map, always in range, and the
             # default "raise" would buffer `out` through a temporary copy.
             self._arrays[shard].take(index, axis=0, out=out[part], mode="clip")
-        return host, positions
+        return host, positions, time.perf_counter() - t0
 
-    def _finish(self, host: torch.Tensor, positions: np.ndarray, seq: int,
+    def _finish(self, host: torch.Tensor, positions: np.ndarray, read_s: float, seq: int,
                 staging: _Staging) -> Batch:
         labels = torch.from_numpy(self._map.labels[positions])
-        images, labels = staging.publish(host, labels, seq)
+        images, labels, h2d_s = staging.publish(host, labels, seq)
         return Batch(images=images, labels=labels, positions=torch.from_numpy(positions),
-                     bytes_read=len(positions) * self._sample_bytes)
+                     bytes_read=len(positions) * self._sample_bytes, read_s=read_s,
+                     decode_s=0.0, h2d_s=h2d_s)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
+        if not self._arrays and self.config.shards:
+            self._open()  # unmapped by release()
         batches = self.batches(epoch)
         workers = self.config.workers
         if workers <= 0:
             staging = _Staging(self.config, slots=2)
             for seq, batch in enumerate(batches):
-                host, positions = self._gather(batch, seq, staging)
-                yield self._finish(host, positions, seq, staging)
+                yield self._finish(*self._gather(batch, seq, staging), seq, staging)
             return
         # Batch seq is submitted only after batch seq - depth - 1 was published, so a
         # ring of depth + 1 slots never refills a slot whose copy is still queued.
         depth = workers + 1
         staging = _Staging(self.config, slots=depth + 1)
-        pending: deque[Future[tuple[torch.Tensor, np.ndarray]]] = deque()
+        pending: deque[Future[tuple[torch.Tensor, np.ndarray, float]]] = deque()
         with ThreadPoolExecutor(max_workers=workers,
                                 thread_name_prefix="numpy_mmap") as pool:
             for seq, batch in enumerate(batches):
@@ -131,6 +156,10 @@ class NumpyMmapLoader(Loader):
             while pending:
                 yield self._finish(*pending.popleft().result(), done, staging)
                 done += 1
+
+    def release(self) -> None:
+        """Unmap every shard; the next :meth:`epoch` maps them again."""
+        self.close()
 
     def close(self) -> None:
         self._arrays = []

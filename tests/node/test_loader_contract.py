@@ -153,6 +153,16 @@ def expected_bytes(config: LoaderConfig) -> int | None:
                    for s in config.shards for f in s.files[s.start:s.stop])
     if fmt.id in ("npy", "hdf5"):  # uncompressed, one sample per chunk or row
         return config.num_samples * H * W * C
+    if fmt.family == "hdf5":  # one chunk per sample: each sample's stored chunk, once
+        import h5py
+
+        total = 0
+        for s in config.shards:
+            with h5py.File(os.path.join(s.location, "data.h5"), "r") as f:
+                dset = f["images"].id
+                total += sum(dset.get_chunk_info_by_coord((i, 0, 0, 0)).size
+                             for i in range(s.start, s.stop))
+        return total
     return None
 
 
@@ -211,8 +221,12 @@ def test_loader_contract(case: Case, datasets: dict[tuple[str, bool], str]) -> N
             total = sum(b.bytes_read for b in batches)
             if exact is not None:
                 assert total == exact
-            else:  # compressed containers: some stored bytes, at most all of them per batch
-                assert 0 < total <= len(batches) * stored_bytes(config)
+            else:  # chunked containers: at most the chunks of the shards a batch touches
+                chunks = chunk_bytes(config)
+                for b in batches:
+                    touched = np.unique(config.locate(b.positions.numpy())[0])
+                    assert 0 < b.bytes_read <= sum(chunks[k] for k in touched.tolist())
+                assert total >= sum(chunks)  # every shard's chunk read at least once
     finally:
         first.close()
         second.close()
@@ -220,10 +234,10 @@ def test_loader_contract(case: Case, datasets: dict[tuple[str, bool], str]) -> N
     assert not left, f"close() left worker processes running: {left}"
 
 
-def stored_bytes(config: LoaderConfig) -> int:
-    """Bytes of every file in the config's shards (local folders or store URLs)."""
-    total = 0
+def chunk_bytes(config: LoaderConfig) -> list[int]:
+    """Stored bytes of each shard's image chunks (Zarr: files under ``data.zarr/images/c``)."""
+    out = []
     for s in config.shards:
         store = Store.open(s.location)
-        total += sum(store.size(rel) for rel in store.walk_files())
-    return total
+        out.append(sum(store.size(rel) for rel in store.walk_files("data.zarr/images/c")))
+    return out

@@ -89,7 +89,8 @@ def test_rate_and_lifecycle() -> None:
     assert totals.gpu_util_mean_pct is None or 0 <= totals.gpu_util_mean_pct <= 100
     assert sampler.overhead_pct < 25  # loose: CI machines are noisy; typically < 2
     assert not any(t.name == "formatlab-sampler" for t in threading.enumerate())
-    assert set(totals.columns()) == {"peak_ram_bytes", "peak_vram_bytes", "cpu_util_mean_pct",
+    assert set(totals.columns()) == {"peak_ram_bytes", "peak_ram_anon_bytes",
+                                     "peak_ram_file_bytes", "peak_vram_bytes", "cpu_util_mean_pct",
                                      "gpu_util_mean_pct", "disk_read_bytes"}
 
 
@@ -110,9 +111,9 @@ def test_evict_page_cache(tmp_path: Path) -> None:
     f.write_bytes(b"x" * 4096)
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.bin").write_bytes(b"y")
-    assert telemetry.evict_page_cache([f]) == 1
-    assert telemetry.evict_page_cache([tmp_path]) == 2
-    assert telemetry.evict_page_cache([tmp_path / "missing"]) == 0
+    assert telemetry.evict_page_cache([f]).files == 1
+    assert telemetry.evict_page_cache([tmp_path]).files == 2
+    assert telemetry.evict_page_cache([tmp_path / "missing"]).files == 0
     assert telemetry.page_cache_fits(1)
     assert not telemetry.page_cache_fits(1 << 62)
 
