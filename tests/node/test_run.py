@@ -31,7 +31,7 @@ pytestmark = [
 ]
 
 # Null on a CPU-only run; every other column is filled.
-GPU_RUN_COLUMNS = {"gpu_name", "peak_vram_bytes", "gpu_util_mean_pct"}
+GPU_RUN_COLUMNS = {"gpu_name", "peak_vram_bytes", "gpu_util_mean_pct", "vram_kind"}
 GPU_EPOCH_COLUMNS = {"peak_vram_bytes", "torch_peak_vram_bytes", "gpu_util_mean_pct"}
 CPU_PAIRS = [("file", "png"), ("file", "jpeg-q95"), ("numpy_mmap", "npy"),
              ("hdf5", "hdf5-gzip"), ("zarr", "zarr-zstd")]
@@ -82,13 +82,20 @@ def check_row(row: pd.Series, *, loader: str, fmt: str, epochs: int, mode: str =
     assert "storage_options" not in config and config["loader"] == loader
 
 
+# Loaders whose reads cannot be split into read and decode (h5py, zarr do both at once).
+NO_STAGES = {"hdf5", "zarr"}
+
+
 def check_epochs(epochs: pd.DataFrame, run_id: str, n: int, *, val: bool = True,
-                 cold: bool = False, trained: bool = True) -> None:
+                 cold: bool = False, trained: bool = True, loader: str = "") -> None:
     rows = epochs[epochs["run_id"] == run_id].sort_values("epoch")
     assert rows["epoch"].tolist() == list(range(n))
-    assert rows["cold"].tolist() == [True] + [cold] * (n - 1)
+    # Measured: right after a fill the data is in the page cache, so a warm run has no
+    # cold epoch (not even the first); a --cold run has only cold ones.
+    assert rows["cold"].tolist() == [cold] * n
     null_ok = (GPU_EPOCH_COLUMNS | (set() if val else {"val_accuracy", "val_f1"})
-               | (set() if trained else {"train_loss", "train_accuracy"}))
+               | (set() if trained else {"train_loss", "train_accuracy"})
+               | ({"read_time_s", "decode_time_s"} if loader in NO_STAGES else set()))
     for col in EPOCHS.names:
         if col in null_ok:
             continue
@@ -122,7 +129,11 @@ def test_run_learns_and_records_everything(dataset: Dataset, cache_dir: Path, tm
         assert row["cache_bytes"] == 0
     else:
         assert row["cache_bytes"] > 0
-    check_epochs(epochs, row["run_id"], 2)
+    check_epochs(epochs, row["run_id"], 2, loader=loader)
+    assert row["cold_epochs"] == 0 and not row["cold_requested"]
+    assert row["ram_kind"] == "pss" and row["cpu_budget"] >= 1
+    assert row["loader_threads"] + row["loader_processes"] >= 1
+    assert row["io_path_evidence"].startswith("host: ")
     # DuckDB reads the same files
     con = duckdb.connect()
     got = con.execute(f"select run_id, status, val_accuracy from read_parquet("
@@ -142,6 +153,7 @@ def test_cold_run(dataset: Dataset, cache_dir: Path, tmp_path: Path) -> None:
     check_row(row, loader="numpy_mmap", fmt="npy", epochs=2)
     assert json.loads(row["config"])["cold"] is True
     check_epochs(epochs, row["run_id"], 2, cold=True)
+    assert row["cold_requested"] and row["cold_epochs"] == 2
     assert (epochs["steps"] == 2).all() and (epochs["samples"] == 128).all()
 
 
