@@ -250,3 +250,32 @@ def chunk_bytes(config: LoaderConfig) -> list[int]:
         store = Store.open(s.location)
         out.append(sum(store.size(rel) for rel in store.walk_files("data.zarr/images/c")))
     return out
+
+
+@pytest.mark.parametrize("format_id", ["hdf5-gzip", "zarr-zstd"])
+def test_new_generation_reopens_handles(format_id: str,
+                                        datasets: dict[tuple[str, bool], str]) -> None:
+    """What ``release()`` makes a persistent worker do: at the first item of the next
+    generation its reader closes the files it holds (and HDF5's chunk cache with them)
+    and opens them afresh."""
+    loader_cls = LOADERS["hdf5" if format_id.startswith("hdf5") else "zarr"]
+    case = Case(loader_cls, format_id, "w0-full")
+    config, _ = make_config(case, datasets[format_id, False], torch.device("cpu"))
+    reader = loader_cls(config).make_reader()
+    positions = np.arange(4)
+
+    def handle() -> object:
+        shard = reader.shards[0]
+        return shard._file if format_id.startswith("hdf5") else shard._group
+
+    first = reader[(0, positions)]
+    held = handle()
+    assert held is not None
+    reader[(0, positions)]
+    assert handle() is held  # same generation: kept open
+    again = reader[(1, positions)]
+    assert handle() is not None and handle() is not held
+    if format_id.startswith("hdf5"):
+        assert not held.id.valid  # the old file was closed
+    assert torch.equal(first.images, again.images)
+    reader.close()
