@@ -227,7 +227,8 @@ def print_summary(row: dict[str, Any], epochs: list[dict[str, Any]]) -> None:
                 "val acc", "peak RAM MiB", "CPU %"):
         table.add_column(col, justify="right")
     for e in epochs:
-        table.add_row(str(e["epoch"]), "yes" if e["cold"] else "", _f(e["epoch_time_s"], 2),
+        cold = {True: "yes", False: "", None: "?"}[e["cold"]]  # ?: reads not measurable
+        table.add_row(str(e["epoch"]), cold, _f(e["epoch_time_s"], 2),
                       _f(e["data_time_s"], 2), _f(e["compute_time_s"], 2),
                       _f(e["throughput_img_s"], 0), _f(e.get("train_loss"), 3),
                       _f(e.get("train_accuracy"), 3), _f(e.get("val_accuracy"), 3),

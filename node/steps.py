@@ -1,0 +1,73 @@
+"""Per-step figures of an epoch: batch waits and their percentiles, stage times, and
+whether the epoch really read from storage (DESIGN section 8)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from node.loaders.base import Batch
+
+
+def epoch_is_cold(disk_read: int | None, consumed: int) -> bool | None:
+    """Whether an epoch read its data from storage: at least half the bytes it consumed.
+
+    None where storage reads cannot be measured; never true by default.
+    """
+    if disk_read is None:
+        return None
+    return consumed > 0 and disk_read >= consumed / 2
+
+
+_PERCENTILES = (50, 95, 99)
+
+
+def wait_percentiles(waits: np.ndarray | Sequence[float]) -> dict[str, float | None]:
+    """``batch_wait_p50_s``, ``_p95_s``, ``_p99_s`` and ``_max_s`` of per-step waits
+    (NumPy's linear interpolation); None without steps."""
+    waits = np.asarray(waits, dtype=np.float64)
+    keys = [f"batch_wait_p{p}_s" for p in _PERCENTILES] + ["batch_wait_max_s"]
+    if not waits.size:
+        return dict.fromkeys(keys)
+    values = [*np.percentile(waits, _PERCENTILES).tolist(), float(waits.max())]
+    return dict(zip(keys, values, strict=True))
+
+
+class EpochClock:
+    """One epoch's per-step figures: batch waits, samples, bytes and stage times.
+
+    A stage time is the sum over the epoch's batches, None as soon as one batch does
+    not report it (the loader cannot tell that stage apart). Read and decode add up the
+    time of every worker or thread, so with parallel workers they can exceed the wall.
+    """
+
+    _STAGES = (("read_s", "read_time_s"), ("decode_s", "decode_time_s"),
+               ("h2d_s", "h2d_time_s"))
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+        self.samples = self.bytes_read = 0
+        self.stages: dict[str, float | None] = {attr: 0.0 for attr, _ in self._STAGES}
+
+    @property
+    def steps(self) -> int:
+        return len(self.waits)
+
+    def add(self, batch: Batch, wait_s: float) -> None:
+        """Count one step: ``batch`` arrived after waiting ``wait_s``."""
+        self.waits.append(wait_s)
+        self.samples += int(batch.labels.shape[0])
+        self.bytes_read += int(batch.bytes_read)
+        for attr, total in self.stages.items():
+            value = getattr(batch, attr, None)
+            self.stages[attr] = None if value is None or total is None else total + value
+
+    def columns(self) -> dict[str, Any]:
+        """The clock's figures under their ``epochs`` column names."""
+        return {"data_time_s": float(sum(self.waits)), "samples": self.samples,
+                "steps": self.steps, "bytes_read": self.bytes_read,
+                "time_to_first_batch_s": self.waits[0] if self.waits else None,
+                **wait_percentiles(self.waits),
+                **{col: self.stages[attr] for attr, col in self._STAGES}}
