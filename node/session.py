@@ -41,6 +41,7 @@ class RunSession:
     quiet: bool = False
     run_id: str = field(default_factory=new_id)
     model_checksum: str | None = field(default=None, init=False)  # set by a training run
+    _train_bytes: int | None = field(default=None, init=False, repr=False)
 
     def execute(self) -> dict[str, Any]:
         """Cache, load, train or bench, and write the rows; returns the ``runs`` row."""
@@ -69,6 +70,7 @@ class RunSession:
                                    options=self.store.storage_options)
                 loaders.append(val)
             before_epoch = _evictor(loaders, fill.stats.paths) if cfg.cold else None
+            self._train_bytes = _local_bytes(fill.train)
             with Sampler(gpu=self.device.type == "cuda") as sampler:
                 result = self._fit(train, val, sampler, before_epoch, ddp)
             epochs = result.epochs
@@ -154,6 +156,7 @@ class RunSession:
 
             bencher = Bencher(device=self.device, sampler=sampler, max_steps=cfg.max_steps,
                               cold=cfg.cold, emulate_step_ms=cfg.emulate_step_ms)
+            bencher.data_bytes = self._train_bytes
             return bencher.fit(train, cfg.epochs, before_epoch=before_epoch)
         from node.train import Trainer
 
@@ -162,6 +165,7 @@ class RunSession:
             num_classes=len(self.manifest.class_names), image_size=self.manifest.height,
             device=self.device, seed=cfg.seed, optimizer=cfg.optimizer, lr=cfg.lr, ddp=ddp,
             rank=self.rank, sampler=sampler, max_steps=cfg.max_steps, cold=cfg.cold)
+        trainer.data_bytes = self._train_bytes
         result = trainer.fit(train, cfg.epochs, val_loader=val, before_epoch=before_epoch)
         self.model_checksum = weights_checksum(trainer.model)
         return result
@@ -186,6 +190,17 @@ def weights_checksum(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def _local_bytes(slices: list[Any]) -> int | None:
+    """Bytes of the files in the slices' local shard folders; None for store URLs."""
+    total = 0
+    for location in {s.location for s in slices}:
+        if not os.path.isdir(location):
+            return None
+        for dirpath, _, names in os.walk(location):
+            total += sum(os.path.getsize(os.path.join(dirpath, n)) for n in names)
+    return total
 
 
 def _evictor(loaders: list[Any], paths: list[str]) -> Callable[[int], None]:

@@ -11,14 +11,21 @@ import numpy as np
 from node.loaders.base import Batch
 
 
-def epoch_is_cold(disk_read: int | None, consumed: int) -> bool | None:
+def epoch_is_cold(disk_read: int | None, consumed: int,
+                  data_bytes: int | None = None) -> bool | None:
     """Whether an epoch read its data from storage: at least half the bytes it consumed.
 
-    None where storage reads cannot be measured; never true by default.
+    A loader may consume the same stored bytes more than once in an epoch (a Zarr chunk
+    of 64 samples serves several batches; the page cache serves the repeats), so the
+    bytes it needed are capped by ``data_bytes``, the size of the files it reads from.
+
+    Returns:
+        None where storage reads cannot be measured; never true by default.
     """
     if disk_read is None:
         return None
-    return consumed > 0 and disk_read >= consumed / 2
+    needed = consumed if data_bytes is None else min(consumed, data_bytes)
+    return needed > 0 and disk_read >= needed / 2
 
 
 _PERCENTILES = (50, 95, 99)

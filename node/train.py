@@ -424,9 +424,9 @@ class Trainer:
             GPU and disk figures; without one, disk reads come from ``/proc`` directly
             and the other figures are None.
         max_steps: stop each epoch after this many steps (None: the whole epoch).
-        cold: ``--cold`` was asked for (the caller evicts before each epoch); an
-            epoch whose measured reads do not show it is reported on stderr.
-            Either way an epoch is flagged by :func:`epoch_is_cold`.
+        cold: ``--cold`` was asked for (the caller evicts before each epoch); an epoch
+            is flagged cold only when :func:`epoch_is_cold` confirms it from measured
+            reads, else warm with a line on stderr.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -444,6 +444,8 @@ class Trainer:
         self.max_steps = max_steps
         self.cold = cold
         self.waits: list[np.ndarray] = []  # each epoch's per-step batch waits
+        # Size of the files the loader reads from (set by the caller; see epoch_is_cold).
+        self.data_bytes: int | None = None
 
     @classmethod
     def build(cls, *, model: str, num_classes: int, image_size: int,
@@ -577,12 +579,22 @@ class Trainer:
         return row
 
     def _cold(self, epoch: int, disk_read: int | None, consumed: int) -> bool | None:
-        """The epoch's ``cold`` flag from its measured reads; says so when ``--cold``
-        was asked for and the reads do not show it."""
-        cold = epoch_is_cold(disk_read, consumed)
-        if self.cold and cold is False:
-            print(f"epoch {epoch}: --cold, but only {disk_read:,} of the {consumed:,} bytes "
-                  "it consumed were read from storage (eviction not verified); recorded warm",
+        """The epoch's ``cold`` flag: None where reads cannot be measured, False without
+        ``--cold``, else whether its measured reads show it (said on stderr if not).
+
+        Epochs without ``--cold`` are never flagged cold from their reads: the process
+        also reads from storage for other things (library pages faulted in on first
+        use, imports), which on a small dataset can pass for the data.
+        """
+        if disk_read is None:
+            return None
+        if not self.cold:
+            return False
+        cold = epoch_is_cold(disk_read, consumed, self.data_bytes)
+        if not cold:
+            needed = consumed if self.data_bytes is None else min(consumed, self.data_bytes)
+            print(f"epoch {epoch}: --cold, but only {disk_read:,} of the {needed:,} bytes "
+                  "it needed were read from storage (eviction not verified); recorded warm",
                   file=sys.stderr)
         return cold
 

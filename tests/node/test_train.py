@@ -229,9 +229,11 @@ def test_tiny_training_run_learns() -> None:
 def test_max_steps_and_cold_unverified(capsys: pytest.CaptureFixture[str]) -> None:
     """--cold over batches already in memory: reads show no storage, so every epoch is
     recorded warm, each with one line on stderr."""
-    trainer = Trainer.build(model="convnet", num_classes=2, image_size=16, device="cpu",
+    # 64x64 images: the 2 steps consume 768 KiB, so stray reads (a first import) cannot
+    # pass for the epoch's data.
+    trainer = Trainer.build(model="convnet", num_classes=2, image_size=64, device="cpu",
                             seed=0, max_steps=2, cold=True, optimizer="rmsprop")
-    result = trainer.fit(BrightnessLoader(256), 2)
+    result = trainer.fit(BrightnessLoader(256, size=64), 2)
     assert [r["steps"] for r in result.epochs] == [2, 2]
     assert [r["samples"] for r in result.epochs] == [64, 64]
     assert [r["cold"] for r in result.epochs] == [False, False]
@@ -248,6 +250,9 @@ def test_epoch_is_cold() -> None:
     assert epoch_is_cold(None, 100) is None  # unmeasurable: never true by default
     assert epoch_is_cold(50, 100) is True and epoch_is_cold(49, 100) is False
     assert epoch_is_cold(0, 0) is False
+    # bytes consumed twice (a chunk serving several batches) need reading only once
+    assert epoch_is_cold(50, 400, data_bytes=100) is True
+    assert epoch_is_cold(49, 400, data_bytes=100) is False
 
 
 class StagedLoader(BrightnessLoader):
