@@ -161,10 +161,22 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local % max(torch.cuda.device_count(), 1))
+        torch.cuda.set_device(cuda_device_index(os.environ, torch.cuda.device_count()))
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def cuda_device_index(env: Mapping[str, str], visible: int) -> int:
+    """This rank's index among the ``visible`` CUDA devices (those CUDA_VISIBLE_DEVICES or
+    the device plugin gave the process): LOCAL_RANK, default 0. Never wraps around, so two
+    ranks never share a GPU and no rank reaches one it was not given."""
+    raw = env.get("LOCAL_RANK") or "0"
+    local = int(raw) if raw.isdigit() else -1
+    if not 0 <= local < visible:
+        given = env.get("CUDA_VISIBLE_DEVICES", "all")
+        raise UsageError(f"LOCAL_RANK={raw} but this process sees {visible} CUDA device(s) "
+                         f"(CUDA_VISIBLE_DEVICES={given}); give each rank its own GPU")
+    return local
 
 
 def check_pair(loader_name: str, format_id: str, manifest: Manifest,

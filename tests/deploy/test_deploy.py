@@ -26,17 +26,10 @@ from typing import Any
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-DEPLOY = REPO / "deploy"
-README = DEPLOY / "README.md"
-SBATCH = DEPLOY / "slurm" / "node-agent.sbatch"
-RAYJOB = DEPLOY / "k8s" / "rayjob.yaml"
-NODE_JOB = DEPLOY / "k8s" / "node-agent-job.yaml"
-CLUSTER = DEPLOY / "ray" / "cluster.yaml"
+from deployfiles import (CLUSTER, DEPLOY, DOCKERFILES, NODE_JOB, RAYJOB, README, REPO, SBATCH,
+                         SHELL_FILES, containers, docs, env_of, secret_ref)
 
 YAML_FILES = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml"))
-SHELL_FILES = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".sh", ".sbatch"))
-DOCKERFILES = sorted(p for p in DEPLOY.glob("docker/Dockerfile.*") if p.suffix != ".dockerignore")
 
 # --------------------------------------------------------------------------------------
 # Extracting command lines
@@ -320,7 +313,7 @@ def test_command_lines_are_found_where_expected() -> None:
 
 
 def test_extraction_substitutes_variables() -> None:
-    (job,) = [c for c in COMMANDS if c.where.startswith("deploy/k8s/node-agent-job")]
+    (job,) = [c for c in COMMANDS if c.where == "deploy/k8s/node-agent-job.yaml"]
     args = job.args()
     assert args[args.index("--rank") + 1] == "0"  # $(RANK) from the downward API
     assert args[args.index("--world-size") + 1] == "2"  # $(WORLD_SIZE) = "2" in env
@@ -397,24 +390,12 @@ def test_torchrun_command_lines_parse(command: CommandLine) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _docs(path: Path) -> dict[str, dict[str, Any]]:
-    return {d["kind"]: d for d in yaml.safe_load_all(path.read_text()) if d}
-
-
-def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {e["name"]: e for e in container.get("env") or []}
-
-
-def _secret_ref(entry: dict[str, Any] | None) -> dict[str, Any] | None:
-    return ((entry or {}).get("valueFrom") or {}).get("secretKeyRef")
-
-
 def test_node_agent_job_is_an_indexed_ddp_job() -> None:
-    docs = _docs(NODE_JOB)
-    job, svc = docs["Job"], docs["Service"]
+    found = docs(NODE_JOB)
+    job, svc = found["Job"], found["Service"]
     spec, pod = job["spec"], job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    env = _env(container)
+    env = env_of(container)
     args = [str(a) for a in container.get("command", []) + container.get("args", [])]
 
     assert spec["completionMode"] == "Indexed"
@@ -446,15 +427,12 @@ def test_node_agent_job_is_an_indexed_ddp_job() -> None:
         "persistentVolumeClaim" in volumes[mounts["/cache"]["name"]]
     assert mounts["/run/udev"]["readOnly"] is True
     assert volumes[mounts["/run/udev"]["name"]]["hostPath"]["path"] == "/run/udev"
-    # GPUDirect Storage opens /dev/nvidia-fs*: privileged, or the devices mounted explicitly.
-    nvidia_fs = [m for m in mounts if m.startswith("/dev/nvidia-fs")]
-    assert container.get("securityContext", {}).get("privileged") or nvidia_fs
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        assert _secret_ref(env.get(name)), f"{name} must come from a Secret"
+        assert secret_ref(env.get(name)), f"{name} must come from a Secret"
 
 
 def test_rayjob_runs_convert_with_secrets_and_token_auth() -> None:
-    job = _docs(RAYJOB)["RayJob"]
+    job = docs(RAYJOB)["RayJob"]
     assert job["apiVersion"] == "ray.io/v1"
     spec = job["spec"]
     assert "prep/convert.py" in spec["entrypoint"]
@@ -464,36 +442,20 @@ def test_rayjob_runs_convert_with_secrets_and_token_auth() -> None:
     assert cluster["workerGroupSpecs"]
     ray_containers += [g["template"]["spec"]["containers"][0] for g in cluster["workerGroupSpecs"]]
     for container in ray_containers:
-        env = _env(container)
+        env = env_of(container)
         assert container["image"] == "formatlab/prep:latest"
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            assert _secret_ref(env.get(name)), f"{container['name']}: {name} must come from a Secret"
+            assert secret_ref(env.get(name)), f"{container['name']}: {name} must come from a Secret"
         endpoint = env["AWS_ENDPOINT_URL"]["valueFrom"]["configMapKeyRef"]
         assert endpoint["optional"] is True
-    # Token authentication stays on for the cluster and for the submitter that calls it.
-    submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]
-    for container in [*ray_containers, submitter]:
-        env = _env(container)
-        assert env["RAY_AUTH_MODE"]["value"] == "token", container["name"]
-        assert _secret_ref(env.get("RAY_AUTH_TOKEN")), container["name"]
-
-
-def _containers(node: Any) -> Iterator[dict[str, Any]]:
-    if isinstance(node, dict):
-        if "containers" in node and isinstance(node["containers"], list):
-            yield from node["containers"]
-        for value in node.values():
-            yield from _containers(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _containers(item)
+    # Token authentication: test_kubernetes.py::test_rayjob_turns_token_auth_on_through_auth_options
 
 
 def test_no_credentials_are_written_in_deploy() -> None:
     secretish = re.compile(r"(KEY|SECRET|TOKEN|PASSWORD)", re.I)
     for path in YAML_FILES:
         for doc in yaml.safe_load_all(path.read_text()):
-            for container in _containers(doc):
+            for container in containers(doc):
                 for entry in container.get("env") or []:
                     if secretish.search(entry["name"]):
                         assert "value" not in entry, f"{path}: {entry['name']} written inline"
