@@ -5,32 +5,42 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from node.errors import UsageError
+from shared.progress import stdout_console
 
 
-def loader_rows() -> list[dict[str, Any]]:
-    """One row per registered loader: name, formats, device, available, reason."""
-    from node.loaders import LOADERS
+def loader_rows(check: bool = False) -> list[dict[str, Any]]:
+    """One row per registered loader: name, formats, device, available, reason.
+
+    Args:
+        check: import each loader and run its full check (CUDA through torch, packages
+            that import, matching CUDA builds); by default a quick check that imports
+            neither torch nor any loader's library.
+    """
+    from node.loaders import LOADER_SPECS
 
     rows = []
-    for name, cls in LOADERS.items():
-        reason = cls.unavailable_reason()
-        rows.append({"loader": name, "formats": cls.formats_help, "device": cls.device_kind,
+    for name, spec in LOADER_SPECS.items():
+        reason = spec.load().unavailable_reason() if check else spec.quick_reason()
+        rows.append({"loader": name, "formats": spec.formats_help, "device": spec.device_kind,
                      "available": reason is None, "reason": reason or ""})
     return rows
 
 
-def print_loaders() -> None:
+def print_loaders(check: bool = False) -> None:
+    """Print the loader table to stdout (full width, so nothing is cut when redirected)."""
     table = Table(title="formatlab loaders")
     for col in ("loader", "formats", "device", "available", "reason"):
-        table.add_column(col)
-    for row in loader_rows():
+        table.add_column(col, overflow="fold")
+    for row in loader_rows(check):
         table.add_row(row["loader"], row["formats"], row["device"],
                       "yes" if row["available"] else "no", row["reason"])
-    Console(width=max(Console().width, 120)).print(table)
+    stdout_console().print(table)
+    if not check:
+        print("(quick check: driver and packages present; `node-agent loaders --check` "
+              "imports each loader to confirm)", file=sys.stderr)
 
 
 def cache(*, store: str, dataset: str, format_id: str, cache: str, rank: int | None,
@@ -41,8 +51,7 @@ def cache(*, store: str, dataset: str, format_id: str, cache: str, rank: int | N
     rank, world_size = resolve_rank(rank, world_size)
     st, manifest = open_dataset(store, dataset, storage_options)
     if format_id not in manifest.format_ids:
-        raise UsageError(f"format {format_id!r} is not in dataset {dataset!r}; "
-                         f"it has: {', '.join(manifest.format_ids)}")
+        raise UsageError(format_not_in_dataset(format_id, manifest))
     filled = fill_cache(st, manifest, format_id, cache, rank, world_size, progress=True)
     s = filled.stats
     print(f"cached {dataset}/{format_id} rank {rank}/{world_size}: "
@@ -68,8 +77,7 @@ def matrix(*, loader_list: str, format_list: str, repeat: int, bench_mode: bool,
             raise UsageError(f"unknown loader {name!r}; valid loaders: {', '.join(LOADERS)}")
     for fid in formats:
         if fid not in manifest.format_ids:
-            raise UsageError(f"format {fid!r} is not in dataset {kwargs['dataset']!r}; "
-                             f"it has: {', '.join(manifest.format_ids)}")
+            raise UsageError(format_not_in_dataset(fid, manifest))
     pairs, skipped = [], []
     for name in loaders:
         cls = LOADERS[name]
@@ -81,6 +89,8 @@ def matrix(*, loader_list: str, format_list: str, repeat: int, bench_mode: bool,
             skipped.append(f"{name}: none of the formats {', '.join(formats)} fits it")
         else:
             pairs += [(name, f) for f in fitting]
+    if not pairs:
+        raise UsageError(f"matrix: nothing to run here; {'; '.join(skipped)}")
     for line in skipped:
         print(f"skip {line}", file=sys.stderr)
     total = len(pairs) * repeat
@@ -111,6 +121,27 @@ def matrix(*, loader_list: str, format_list: str, repeat: int, bench_mode: bool,
 
         raise RunFailed(f"{failures} of {total} runs failed (rows with status 'failed' "
                         "are in the results store)")
+
+
+def dataset_not_found(store: Any, dataset: str) -> str:
+    """The one-line error for a missing dataset: the store itself, or what it holds."""
+    url = store.display_url
+    if not store.exists(""):
+        return (f"store {url} does not exist; --store takes the --dst folder that "
+                "prep/convert.py wrote")
+    held = [d for d in store.list("") if store.exists(f"{d}/manifest.json")]
+    holds = f"it holds: {', '.join(held)}" if held else "it holds no converted dataset"
+    return f"dataset {dataset!r} not found in {url} (no manifest.json); {holds}"
+
+
+def format_not_in_dataset(format_id: str, manifest: Any) -> str:
+    """The one-line error for a format the dataset lacks, listing the ones it has."""
+    has = f"dataset {manifest.name!r} has: {', '.join(manifest.format_ids)}"
+    if format_id == "all":
+        return (f"--format takes one format id, not 'all' (`node-agent matrix --formats all` "
+                f"runs every one); {has}")
+    return f"format {format_id!r} is not in dataset {manifest.name!r}; it has: " \
+        f"{', '.join(manifest.format_ids)}"
 
 
 def _split(text: str) -> list[str]:

@@ -97,8 +97,10 @@ def open_dataset(store_url: str, dataset: str,
         return store, Manifest.load(store, dataset)
     except BadStorageOptions as exc:
         raise UsageError(str(exc)) from None
-    except FileNotFoundError as exc:
-        raise UsageError(str(exc)) from None
+    except FileNotFoundError:
+        from node.commands import dataset_not_found
+
+        raise UsageError(dataset_not_found(store, dataset)) from None
     except ManifestError as exc:
         raise UsageError(f"dataset {dataset!r}: {exc}") from None
 
@@ -176,13 +178,14 @@ def check_pair(loader_name: str, format_id: str, manifest: Manifest,
         cls = get_loader(loader_name)
     except UnknownLoader as exc:
         raise UsageError(str(exc)) from None
+    if format_id not in manifest.format_ids:
+        from node.commands import format_not_in_dataset
+
+        raise UsageError(format_not_in_dataset(format_id, manifest))
     try:
         fmt = get_format(format_id)
     except UnknownFormat as exc:
         raise UsageError(str(exc)) from None
-    if format_id not in manifest.format_ids:
-        raise UsageError(f"format {format_id!r} is not in dataset {manifest.name!r}; "
-                         f"it has: {', '.join(manifest.format_ids)}")
     if not cls.supports(fmt):
         fits = [n for n, c in LOADERS.items() if c.supports(fmt)]
         raise UsageError(f"loader {loader_name!r} cannot read format {format_id!r} "

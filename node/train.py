@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from node.choices import MODELS  # defined torch-free, for --help
 from node.loaders.base import Batch
 from node.telemetry import Sampler, WindowStats, disk_read_bytes
 
-MODELS = ("convnet", "resnet18", "googlenet")
 OPTIMIZERS = ("sgd", "rmsprop")
 DEFAULT_LR = {"sgd": 0.05, "rmsprop": 1e-3}
 
