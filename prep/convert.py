@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-samples", type=_positive_int, metavar="N",
                    help="samples per shard (default: about 64 MiB of decoded pixels)")
     p.add_argument("--val-fraction", type=_fraction, default=0.1, metavar="F",
-                   help="image-folder without split folders: share of images for val")
+                   help="image-folder without split folders: share of each class's images "
+                        "for val (default: %(default)s)")
     p.add_argument("--max-rejects", type=_nonneg_int, default=DEFAULT_MAX_REJECTS,
                    metavar="N", help="fail the job when more inputs than this are rejected")
     p.add_argument("--results", metavar="URL",
@@ -168,6 +169,7 @@ def run(args: argparse.Namespace) -> Manifest:
     if args.source == "image-folder" and args.size is None:
         raise UsageError("--size is required for --source image-folder")
 
+    check_outputs(args, options)
     source_kwargs = {"val_fraction": args.val_fraction} if args.source == "image-folder" else {}
     source = get_source(args.source, args.src, options, **source_kwargs)
     listing = source.list()
@@ -265,6 +267,28 @@ def _manifest(args: argparse.Namespace, name: str, listing: Any, size: int,
         splits=tuple(SplitEntry(s, n) for s, n in sorted(split_counts.items())),
         seed=args.seed, shard_samples=shard_samples, formats=tuple(format_entries),
         rejects=tuple(rejects), tool_version=tool_version, created_at=utc_now().isoformat())
+
+
+def check_outputs(args: argparse.Namespace, options: dict) -> None:
+    """Refuse, before any work, an output location that is a file or lies inside one.
+
+    Raises:
+        UsageError: one line naming the flag.
+    """
+    for flag, url, what in (("--dst", args.dst, "the store to write <name>/ into"),
+                            ("--results", args.results, "the results store")):
+        if url is None:
+            continue
+        store = Store.open(url, options)
+        path = store.root
+        while True:
+            if store.fs.isfile(path):
+                shown = store.display_url if path == store.root else path
+                raise UsageError(f"{flag} {shown} is a file; it must be a folder ({what})")
+            parent = os.path.dirname(path.rstrip("/"))
+            if not store.is_local or not parent or parent == path or os.path.isdir(path):
+                break
+            path = parent
 
 
 def _report(console: Any, manifest: Manifest, results: list[ShardResult], wall: float) -> None:
