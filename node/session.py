@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from node.errors import UsageError
+from node.guards import print_warnings, run_warnings
 from node.runner import RunConfig, build_loader, fill_cache, host_name
 from node.telemetry import (Sampler, evict_page_cache, gpu_name, hardware_info,
                             page_cache_fits, versions_info)
@@ -56,6 +57,10 @@ class RunSession:
             fill = self._cache()
             row.update(cache_time_s=fill.stats.seconds, cache_bytes=fill.stats.bytes_total,
                        fits_in_ram=page_cache_fits(fill.stats.bytes_total))
+            row["config"]["warnings"] = run_warnings(fill, cfg.batch_size, cfg.max_steps,
+                                                     self.manifest.class_names,
+                                                     validate=cfg.mode == "train")
+            print_warnings(row["config"]["warnings"])
             train = build_loader(self.loader_cls, self.fmt, fill.train, self.manifest, cfg,
                                  self.device, shuffle=True, options=self.store.storage_options)
             loaders.append(train)
