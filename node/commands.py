@@ -65,11 +65,40 @@ def cache(*, store: str, dataset: str, format_id: str, cache: str, rank: int | N
 def matrix(*, loader_list: str, format_list: str, repeat: int, bench_mode: bool,
            emulate_step_ms: float | None, **kwargs: Any) -> None:
     """Run every loader x format pair that fits and can run here, one after another."""
-    from node.loaders import LOADERS
+    from node.progress import MatrixProgress
     from node.runner import RunConfig, open_dataset, run
-    from shared.formats import get_format
 
     _, manifest = open_dataset(kwargs["store"], kwargs["dataset"], kwargs["storage_options"])
+    pairs = matrix_pairs(loader_list, format_list, manifest)
+    progress = MatrixProgress(len(pairs) * repeat)
+    for rep in range(repeat):
+        for name, fid in pairs:
+            progress.starting(name, fid, rep)
+            config = RunConfig.from_cli(mode="bench" if bench_mode else "train",
+                                        loader=name, format_id=fid, repeat=rep,
+                                        emulate_step_ms=emulate_step_ms, **kwargs)
+            try:
+                progress.finished(name, fid, run(config, quiet=True))
+            except UsageError as exc:
+                progress.finished(name, fid, None, skipped=str(exc))
+    progress.summary()
+    failures = sum(r.get("status") != "ok" for r in progress.records)
+    if failures:
+        from node.errors import RunFailed
+
+        raise RunFailed(f"{failures} of {progress.total} runs failed (rows with status "
+                        "'failed' are in the results store)")
+
+
+def matrix_pairs(loader_list: str, format_list: str, manifest: Any) -> list[tuple[str, str]]:
+    """The (loader, format) pairs to run; prints the loaders left out and why.
+
+    Raises:
+        UsageError: an unknown name, or nothing to run (naming why).
+    """
+    from node.loaders import LOADERS
+    from shared.formats import get_format
+
     loaders = list(LOADERS) if loader_list == "all" else _split(loader_list)
     formats = list(manifest.format_ids) if format_list == "all" else _split(format_list)
     for name in loaders:
@@ -93,34 +122,7 @@ def matrix(*, loader_list: str, format_list: str, repeat: int, bench_mode: bool,
         raise UsageError(f"matrix: nothing to run here; {'; '.join(skipped)}")
     for line in skipped:
         print(f"skip {line}", file=sys.stderr)
-    total = len(pairs) * repeat
-    failures = 0
-    step = 0
-    for rep in range(repeat):
-        for name, fid in pairs:
-            step += 1
-            print(f"[{step}/{total}] {name} x {fid} (repeat {rep})", file=sys.stderr, flush=True)
-            config = RunConfig.from_cli(mode="bench" if bench_mode else "train",
-                                        loader=name, format_id=fid, repeat=rep,
-                                        emulate_step_ms=emulate_step_ms, **kwargs)
-            try:
-                record = run(config, quiet=True)
-            except UsageError as exc:
-                print(f"[{step}/{total}] skip {name} x {fid}: {exc}", file=sys.stderr)
-                continue
-            status = record.get("status")
-            if status != "ok":
-                failures += 1
-            print(f"[{step}/{total}] {name} x {fid}: {status}, "
-                  f"{record.get('throughput_img_s') or 0:,.0f} img/s, "
-                  f"data wait {100 * (record.get('data_wait_fraction') or 0):.0f}%"
-                  + (f", error: {record.get('error')}" if status != "ok" else ""),
-                  file=sys.stderr, flush=True)
-    if failures:
-        from node.errors import RunFailed
-
-        raise RunFailed(f"{failures} of {total} runs failed (rows with status 'failed' "
-                        "are in the results store)")
+    return pairs
 
 
 def dataset_not_found(store: Any, dataset: str) -> str:

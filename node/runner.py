@@ -150,8 +150,10 @@ def _progress(enabled: bool, total: int, label: str) -> tuple[Any, Any]:
         return None, None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TransferSpeedColumn
 
+    from shared.progress import stderr_console
+
     bar = Progress("[bold]{task.description}", BarColumn(), MofNCompleteColumn(),
-                   TransferSpeedColumn(), transient=True)
+                   TransferSpeedColumn(), transient=True, console=stderr_console())
     task = bar.add_task(label, total=total)
     bar.start()
     return bar, lambda n: bar.update(task, advance=n)

@@ -570,12 +570,14 @@ class Trainer:
         return row
 
     def fit(self, loader: BatchSource, epochs: int, *, val_loader: BatchSource | None = None,
-            before_epoch: Callable[[int], None] | None = None) -> TrainResult:
+            before_epoch: Callable[[int], None] | None = None,
+            after_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
         """Train ``epochs`` epochs, validating after each when ``val_loader`` is given.
 
         Args:
             before_epoch: called with the epoch number before each epoch, outside the
                 timed region (e.g. page-cache eviction for ``--cold``).
+            after_epoch: called with the epoch number and its row (progress lines).
         """
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -591,6 +593,8 @@ class Trainer:
                                self.preprocess)
                 row["val_accuracy"], row["val_f1"] = val.accuracy, val.f1
             rows.append(row)
+            if after_epoch is not None:
+                after_epoch(epoch, row)
         total = time.perf_counter() - start
         telemetry = self.sampler.totals() if self.sampler is not None else None
         return TrainResult(rows, val, total, telemetry)

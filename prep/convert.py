@@ -26,6 +26,7 @@ from prep.sources import SOURCES, SourceError, get_source
 from shared.formats import CATALOG, UnknownFormat, parse_format_list
 from shared.manifest import (FormatEntry, Manifest, ManifestError, Reject, ShardEntry,
                              SplitEntry)
+from shared.progress import stdout_console
 from shared.results import new_id, utc_now, write_rows
 from shared.shards import STAGING_DIR
 from shared.storage import (BadStorageOptions, StorageError, Store, one_line,
@@ -227,14 +228,22 @@ def _run_tasks(executor: Any, plans: Sequence[ShardPlan], source: Any,
             results.append(result)
             rejected += len(result.rejects)
             images += result.samples + len(result.rejects)
-            rate = images / max(time.perf_counter() - t0, 1e-9)
-            progress.update(task, advance=1,
-                            rate=f"{images}/{total_images} images, {rate:,.0f} img/s")
+            progress.update(task, advance=1, rate=progress_text(
+                images, total_images, time.perf_counter() - t0))
             if rejected > max_rejects:
                 raise JobFailed(f"more than {args.max_rejects} inputs rejected "
                                 f"(last: {result.rejects[-1].key}: {result.rejects[-1].reason}); "
                                 "committed shards stay; see --max-rejects")
     return results
+
+
+def progress_text(images: int, total: int, elapsed_s: float) -> str:
+    """``40/120 images, 35 img/s, about 2 s left``: the estimate from the images so far."""
+    from shared.progress import duration, seconds_left
+
+    rate = images / max(elapsed_s, 1e-9)
+    left = seconds_left(images, total, elapsed_s)
+    return f"{images}/{total} images, {rate:,.0f} img/s, about {duration(left)} left"
 
 
 def _manifest(args: argparse.Namespace, name: str, listing: Any, size: int,
@@ -305,7 +314,7 @@ def _report(console: Any, manifest: Manifest, results: list[ShardResult], wall: 
         table.add_row(f.id, f"{samples:,}", f"{f.total_bytes:,}",
                       f"{f.total_bytes / max(samples, 1):,.0f}",
                       f"{f.total_bytes / max(raw, 1):.3f}", f"{f.conversion_time_s:.2f}")
-    console.print(table)
+    stdout_console().print(table)  # the result on stdout, messages on stderr
     for reject in manifest.rejects[:20]:
         console.print(f"[yellow]rejected[/yellow] {reject.key}: {reject.reason}")
     if len(manifest.rejects) > 20:

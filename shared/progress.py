@@ -53,3 +53,4 @@ def duration(seconds: float | None) -> str:
 def note(message: str) -> None:
     """One progress line on stderr, flushed (so it shows at once in logs too)."""
     print(message, file=sys.stderr, flush=True)
+

@@ -42,3 +42,26 @@ def test_val_fraction_default_shows_in_help(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "for val (default: 0.1)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_progress_text_estimates_from_the_images_so_far() -> None:
+    from prep.convert import progress_text
+
+    assert progress_text(40, 120, 2.0) == "40/120 images, 20 img/s, about 4 s left"
+
+
+def test_result_table_goes_to_stdout_with_names_whole(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 30), (40 * i, 90, 10)).save(tmp_path / "src" / cls / f"{i}.png")
+    argv = ["--source", "image-folder", "--src", str(tmp_path / "src"), "--dst",
+            str(tmp_path / "store"), "--size", "16", "--address", "inline", "--formats",
+            "webp-lossless,tiff-lzw"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "webp-lossless" in out and "tiff-lzw" in out and "…" not in out
+    assert "webp-lossless" not in err.replace("--formats", "")
