@@ -203,7 +203,9 @@ def run(args: argparse.Namespace) -> Manifest:
     dst.delete(f"{name}/{STAGING_DIR}", recursive=True)
     _report(console, manifest, results, wall)
     if args.results:
-        _write_conversions(args.results, options, manifest, results, wall, workers, formats)
+        quality = measure_quality(source, plans, formats, size)
+        _write_conversions(args.results, options, manifest, results, wall, workers, formats,
+                           quality=quality)
     return manifest
 
 
@@ -323,7 +325,7 @@ def _report(console: Any, manifest: Manifest, results: list[ShardResult], wall: 
 
 def _write_conversions(url: str, options: dict, manifest: Manifest,
                        results: list[ShardResult], wall: float, workers: int,
-                       formats: list) -> None:
+                       formats: list, quality: dict | None = None) -> None:
     job_id = new_id()
     rows = []
     by_id = {f.id: f for f in formats}
@@ -343,8 +345,49 @@ def _write_conversions(url: str, options: dict, manifest: Manifest,
                 "ratio_to_raw": nbytes / max(raw, 1), "encode_time_s": encode,
                 "wall_time_s": wall, "images_per_s": samples / max(wall, 1e-9),
                 "workers": workers, "bits": described.get("bits", 8),
-                "compression": described.get("compression"), "image_size": manifest.height})
+                "compression": described.get("compression"), "image_size": manifest.height,
+                **quality_columns(by_id[f.id], (quality or {}).get((f.id, split)))})
     write_rows(Store.open(url, options), "conversions", rows, file_id=job_id)
+
+
+QUALITY_SAMPLES = 64  # images per split whose quality is measured, from its first shard
+
+
+def measure_quality(source: Any, plans: Sequence[ShardPlan], formats: list, size: int,
+                    samples: int = QUALITY_SAMPLES) -> dict[tuple[str, str], Any]:
+    """PSNR and SSIM of each lossy format per split, against the decoded source images.
+
+    The reference is what the shards were made from (decoded, resized, cropped); the test
+    image is that reference encoded and decoded by the format, as its shard holds it.
+    """
+    from prep.transform import RejectError, prepare_image
+    from shared.quality import measure
+
+    lossy = [f for f in formats if not f.lossless and hasattr(f, "encode")]
+    first: dict[str, ShardPlan] = {}
+    for plan in plans:
+        first.setdefault(plan.split, plan)
+    out: dict[tuple[str, str], Any] = {}
+    for split, plan in first.items() if lossy else ():
+        refs = []
+        for _, payload in source.load(plan.items[:samples]):
+            try:
+                if not isinstance(payload, BaseException):
+                    refs.append(prepare_image(payload, size))
+            except RejectError:
+                continue
+        for f in lossy:
+            out[(f.id, split)] = measure(refs, [f.decode(f.encode(r)) for r in refs])
+    return out
+
+
+def quality_columns(fmt: Any, quality: Any) -> dict[str, Any]:
+    """The conversions row's quality columns; PSNR and SSIM are null for lossless formats."""
+    from shared.formats.registry import chroma_subsampling
+
+    return {"psnr_db": quality.psnr_db if quality else None,
+            "ssim": quality.ssim if quality else None,
+            "chroma_subsampling": chroma_subsampling(fmt)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

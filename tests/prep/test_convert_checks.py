@@ -65,3 +65,48 @@ def test_result_table_goes_to_stdout_with_names_whole(
     out, err = capsys.readouterr()
     assert "webp-lossless" in out and "tiff-lzw" in out and "…" not in out
     assert "webp-lossless" not in err.replace("--formats", "")
+
+
+def test_conversions_record_quality_of_lossy_formats(tmp_path: Path) -> None:
+    """psnr_db/ssim per lossy format and split, equal to what its shard files decode to
+    against the npy shard (the decoded source); null for lossless; chroma subsampling."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from shared.formats import get_format
+    from shared.quality import measure
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        for i in range(8):
+            y, x = np.mgrid[0:30, 0:40]  # smooth colours and mild noise, as in photos
+            pixels = np.clip(rng.uniform(0, 255, 3) + x[..., None] * rng.uniform(-3, 3, 3)
+                             + y[..., None] * rng.uniform(-3, 3, 3)
+                             + rng.normal(0, 4, (30, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "src" / cls / f"{i}.png")
+    store = tmp_path / "store"
+    assert main(["--source", "image-folder", "--src", str(tmp_path / "src"), "--dst",
+                 str(store), "--size", "24", "--address", "inline", "--results",
+                 str(tmp_path / "results"), "--formats", "npy,jpeg-q95,jpeg-q95-444,png",
+                 "--val-fraction", "0.25"]) == 0
+    rows = pd.read_parquet(tmp_path / "results" / "conversions").set_index(["format", "split"])
+    assert rows.loc[("png", "train"), ["psnr_db", "ssim"]].isna().all()
+    assert rows.loc[("png", "train"), "chroma_subsampling"] == "4:4:4"
+    assert rows.loc[("jpeg-q95", "val"), "chroma_subsampling"] == "4:2:0"
+    assert rows.loc[("jpeg-q95-444", "val"), "chroma_subsampling"] == "4:4:4"
+    for split in ("train", "val"):
+        shard = store / "image-folder" / "npy" / split / "shard-00000"
+        source = np.load(shard / "images.npy")
+        for fid in ("jpeg-q95", "jpeg-q95-444"):
+            folder = store / "image-folder" / fid / split / "shard-00000"
+            files = pd.read_parquet(folder / "index.parquet")["file"]
+            fmt = get_format(fid)
+            decoded = [fmt.decode((folder / f).read_bytes()) for f in files]
+            expected = measure(list(source), decoded)
+            assert rows.loc[(fid, split), "psnr_db"] == pytest.approx(expected.psnr_db)
+            assert rows.loc[(fid, split), "ssim"] == pytest.approx(expected.ssim)
+            assert 0 < expected.ssim < 1 and 30 < expected.psnr_db < 60
+    assert rows.loc[("jpeg-q95-444", "train"), "psnr_db"] > rows.loc[("jpeg-q95", "train"),
+                                                                      "psnr_db"]
