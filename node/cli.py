@@ -168,6 +168,9 @@ def cache_cmd(**kwargs: Any) -> None:
 @_handle_errors
 def run_cmd(**kwargs: Any) -> None:
     """Cache, train with one loader, measure, and append the results."""
+    from node.commands import preflight
+
+    preflight(**kwargs)  # usage mistakes answered before torch is imported
     from node.runner import RunConfig, run
 
     record = run(RunConfig.from_cli(mode="train", **kwargs))
@@ -183,6 +186,9 @@ def run_cmd(**kwargs: Any) -> None:
 @_handle_errors
 def bench_cmd(emulate_step_ms: float | None, **kwargs: Any) -> None:
     """Loader throughput alone (no model), every step timed; optional emulated step."""
+    from node.commands import preflight
+
+    preflight(**kwargs)
     from node.runner import RunConfig, run
 
     record = run(RunConfig.from_cli(mode="bench", emulate_step_ms=emulate_step_ms, **kwargs))

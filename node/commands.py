@@ -46,7 +46,7 @@ def print_loaders(check: bool = False) -> None:
 def cache(*, store: str, dataset: str, format_id: str, cache: str, rank: int | None,
           world_size: int | None, storage_options: str | None) -> None:
     """Fill the cache for this rank and print what was fetched."""
-    from node.runner import fill_cache, open_dataset, resolve_rank
+    from node.runner import fill_cache, resolve_rank
 
     rank, world_size = resolve_rank(rank, world_size)
     st, manifest = open_dataset(store, dataset, storage_options)
@@ -66,7 +66,7 @@ def matrix(*, loader_list: str, format_list: str, repeat: int, bench_mode: bool,
            emulate_step_ms: float | None, **kwargs: Any) -> None:
     """Run every loader x format pair that fits and can run here, one after another."""
     from node.progress import MatrixProgress
-    from node.runner import RunConfig, open_dataset, run
+    from node.runner import RunConfig, run
 
     _, manifest = open_dataset(kwargs["store"], kwargs["dataset"], kwargs["storage_options"])
     pairs = matrix_pairs(loader_list, format_list, manifest)
@@ -102,8 +102,7 @@ def matrix_pairs(loader_list: str, format_list: str, manifest: Any) -> list[tupl
     loaders = list(LOADERS) if loader_list == "all" else _split(loader_list)
     formats = list(manifest.format_ids) if format_list == "all" else _split(format_list)
     for name in loaders:
-        if name not in LOADERS:
-            raise UsageError(f"unknown loader {name!r}; valid loaders: {', '.join(LOADERS)}")
+        _spec(name)
     for fid in formats:
         if fid not in manifest.format_ids:
             raise UsageError(format_not_in_dataset(fid, manifest))
@@ -125,6 +124,38 @@ def matrix_pairs(loader_list: str, format_list: str, manifest: Any) -> list[tupl
     return pairs
 
 
+def open_dataset(store_url: str, dataset: str,
+                 storage_options: str | None) -> tuple[Any, Any]:
+    """Open the store and load the dataset's manifest, as usage errors when missing."""
+    from shared.manifest import Manifest, ManifestError
+    from shared.storage import BadStorageOptions, Store, parse_storage_options
+
+    store = None
+    try:
+        store = Store.open(store_url, parse_storage_options(storage_options))
+        return store, Manifest.load(store, dataset)
+    except BadStorageOptions as exc:
+        raise UsageError(str(exc)) from None
+    except FileNotFoundError as exc:
+        raise UsageError(dataset_not_found(store, dataset) if store else str(exc)) from None
+    except ManifestError as exc:
+        raise UsageError(f"dataset {dataset!r}: {exc}") from None
+
+
+def preflight(*, store: str, dataset: str, storage_options: str | None, format_id: str,
+              loader: str | None = None, **_: Any) -> None:
+    """The usage checks that need no torch: the dataset, the format, the loader's name
+    and its quick availability check; ``run`` repeats them all in full."""
+    _, manifest = open_dataset(store, dataset, storage_options)
+    if format_id not in manifest.format_ids:
+        raise UsageError(format_not_in_dataset(format_id, manifest))
+    if loader is None:
+        return
+    reason = _spec(loader).quick_reason()
+    if reason:
+        raise UsageError(f"loader {loader!r} cannot run here: {reason}")
+
+
 def dataset_not_found(store: Any, dataset: str) -> str:
     """The one-line error for a missing dataset: the store itself, or what it holds."""
     url = store.display_url
@@ -144,6 +175,16 @@ def format_not_in_dataset(format_id: str, manifest: Any) -> str:
                 f"runs every one); {has}")
     return f"format {format_id!r} is not in dataset {manifest.name!r}; it has: " \
         f"{', '.join(manifest.format_ids)}"
+
+
+def _spec(name: str) -> Any:
+    """The loader's registry entry; an unknown name is a usage error listing the valid ones."""
+    from node.loaders import UnknownLoader, get_spec
+
+    try:
+        return get_spec(name)
+    except UnknownLoader as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _split(text: str) -> list[str]:

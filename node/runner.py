@@ -19,11 +19,12 @@ from typing import Any
 import torch
 
 from node.cache import CacheStats, ShardCache, assign, remote_slices, val_split
+from node.commands import open_dataset  # torch-free, so the CLI can check first
 from node.errors import UsageError
 from node.loaders.base import LoaderConfig, ShardSlice
 from shared.formats import Format, UnknownFormat, get_format
-from shared.manifest import Manifest, ManifestError
-from shared.storage import BadStorageOptions, StorageError, Store, parse_storage_options
+from shared.manifest import Manifest
+from shared.storage import StorageError, Store
 
 
 @dataclass(frozen=True)
@@ -86,23 +87,6 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise UsageError(f"rank {rank} is not in [0, world size {world_size})")
     return rank, world_size
-
-
-def open_dataset(store_url: str, dataset: str,
-                 storage_options: str | None) -> tuple[Store, Manifest]:
-    """Open the store and load the dataset's manifest, as usage errors when missing."""
-    try:
-        options = parse_storage_options(storage_options)
-        store = Store.open(store_url, options)
-        return store, Manifest.load(store, dataset)
-    except BadStorageOptions as exc:
-        raise UsageError(str(exc)) from None
-    except FileNotFoundError:
-        from node.commands import dataset_not_found
-
-        raise UsageError(dataset_not_found(store, dataset)) from None
-    except ManifestError as exc:
-        raise UsageError(f"dataset {dataset!r}: {exc}") from None
 
 
 def fill_cache(store: Store, manifest: Manifest, format_id: str, cache_dir: str, rank: int,

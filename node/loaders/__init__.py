@@ -133,8 +133,8 @@ class UnknownLoader(ValueError):
     """A loader name the registry does not know."""
 
 
-def get_loader(name: str) -> type[Loader]:
-    """The loader class registered as ``name``.
+def get_spec(name: str) -> LoaderSpec:
+    """The registry entry of loader ``name`` (imports nothing).
 
     Raises:
         UnknownLoader: with the valid names.
@@ -142,7 +142,16 @@ def get_loader(name: str) -> type[Loader]:
     if name not in LOADER_SPECS:
         raise UnknownLoader(
             f"unknown loader {name!r}; valid loaders: {', '.join(LOADER_SPECS)}")
-    return LOADER_SPECS[name].load()
+    return LOADER_SPECS[name]
+
+
+def get_loader(name: str) -> type[Loader]:
+    """The loader class registered as ``name``.
+
+    Raises:
+        UnknownLoader: with the valid names.
+    """
+    return get_spec(name).load()
 
 
 _BASE_NAMES = ("Batch", "Loader", "LoaderConfig", "LoaderUnavailable", "ShardSlice")
@@ -158,4 +167,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["LOADERS", "LOADER_SPECS", "Batch", "Loader", "LoaderConfig", "LoaderSpec",
-           "LoaderUnavailable", "ShardSlice", "UnknownLoader", "get_loader"]
+           "LoaderUnavailable", "ShardSlice", "UnknownLoader", "get_loader", "get_spec"]

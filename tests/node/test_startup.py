@@ -78,3 +78,11 @@ def test_quick_check_agrees_with_full_check_on_availability() -> None:
         if quick is not None:  # what the quick check refuses, the full check refuses too
             assert full is not None, name
             assert quick.startswith(f"{name}: ") and "\n" not in quick
+
+
+def test_usage_mistakes_in_run_are_answered_without_torch(tmp_path: Path) -> None:
+    for command in ("run", "bench"):
+        exit_code, heavy, output = probe(command, "--store", str(tmp_path), "--dataset", "nope",
+                                         "--format", "npy", "--loader", "file")
+        assert (exit_code, heavy) == (2, "-"), output
+        assert f"dataset 'nope' not found in {tmp_path}" in output
