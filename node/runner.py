@@ -130,7 +130,7 @@ def _count_files(manifest: Manifest, format_id: str, ranges: list) -> int:
 
 
 def _progress(enabled: bool, total: int, label: str) -> tuple[Any, Any]:
-    if not enabled:
+    if not enabled or not os.isatty(2):  # a live bar only on a terminal; logs get one line
         return None, None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TransferSpeedColumn
 
