@@ -201,9 +201,9 @@ def run(args: argparse.Namespace) -> Manifest:
                          listing_rejects)
     manifest.save(dst)
     dst.delete(f"{name}/{STAGING_DIR}", recursive=True)
-    _report(console, manifest, results, wall)
+    quality = measure_quality(source, plans, formats, size)
+    _report(console, manifest, results, wall, quality)
     if args.results:
-        quality = measure_quality(source, plans, formats, size)
         _write_conversions(args.results, options, manifest, results, wall, workers, formats,
                            quality=quality)
     return manifest
@@ -302,7 +302,8 @@ def check_outputs(args: argparse.Namespace, options: dict) -> None:
             path = parent
 
 
-def _report(console: Any, manifest: Manifest, results: list[ShardResult], wall: float) -> None:
+def _report(console: Any, manifest: Manifest, results: list[ShardResult], wall: float,
+            quality: dict | None = None) -> None:
     from rich.table import Table
 
     samples = sum(s.samples for s in manifest.splits)
@@ -310,12 +311,14 @@ def _report(console: Any, manifest: Manifest, results: list[ShardResult], wall: 
     skipped = sum(r.skipped for r in results)
     table = Table(title=f"{manifest.name}: {samples:,} samples, {len(manifest.rejects)} rejects, "
                         f"{len(results)} shards ({skipped} already committed), {wall:.1f} s")
-    for col in ("format", "samples", "bytes", "bytes/sample", "ratio to raw", "encode s"):
+    for col in ("format", "samples", "bytes", "bytes/sample", "ratio to pixels", "encode s",
+                "PSNR dB", "SSIM"):
         table.add_column(col, justify="left" if col == "format" else "right")
     for f in manifest.formats:
         table.add_row(f.id, f"{samples:,}", f"{f.total_bytes:,}",
                       f"{f.total_bytes / max(samples, 1):,.0f}",
-                      f"{f.total_bytes / max(raw, 1):.3f}", f"{f.conversion_time_s:.2f}")
+                      f"{f.total_bytes / max(raw, 1):.3f}", f"{f.conversion_time_s:.2f}",
+                      *quality_cells((quality or {}).get((f.id, "train"))))
     stdout_console().print(table)  # the result on stdout, messages on stderr
     for reject in manifest.rejects[:20]:
         console.print(f"[yellow]rejected[/yellow] {reject.key}: {reject.reason}")
@@ -388,6 +391,13 @@ def quality_columns(fmt: Any, quality: Any) -> dict[str, Any]:
     return {"psnr_db": quality.psnr_db if quality else None,
             "ssim": quality.ssim if quality else None,
             "chroma_subsampling": chroma_subsampling(fmt)}
+
+
+def quality_cells(quality: Any) -> tuple[str, str]:
+    """PSNR and SSIM for the size table; ``lossless`` for formats that round-trip."""
+    if quality is None or quality.psnr_db is None:
+        return "lossless", "lossless"
+    return f"{quality.psnr_db:.1f}", "-" if quality.ssim is None else f"{quality.ssim:.4f}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

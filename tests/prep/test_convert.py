@@ -55,7 +55,7 @@ free_port, start_s3_server = _root.free_port, _root.start_s3_server
 PER_BATCH, TEST = 40, 40  # CIFAR: 200 train + 40 test
 SHARD = 64
 # Mean PSNR floors on noisy, saturated 32x32 images (JPEG subsamples chroma 4:2:0).
-LOSSY_FLOOR_DB = {"jpeg-q95": 29.0, "jpeg-q75": 26.0, "jp2-lossy": 35.0, "webp-q90": 29.0}
+LOSSY_FLOOR_DB = {"jpeg-q95": 29.0, "jpeg-q95-444": 29.0, "jpeg-q75": 26.0, "jp2-lossy": 35.0, "webp-q90": 29.0}
 _SHARD_META = b"formatlab.shard"
 
 
