@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: native size; required for image-folder)")
     p.add_argument("--formats", default="all", metavar="all|ID,ID,...",
                    help=f"formats to write; catalog: {', '.join(CATALOG)}; "
-                        "also jpeg-qN and webp-qN for N in 1..100")
+                        "also jpeg-qN, jpeg-qN-444 and webp-qN for N in 1..100")
     p.add_argument("--shard-samples", type=_positive_int, metavar="N",
                    help="samples per shard (default: about 64 MiB of decoded pixels)")
     p.add_argument("--val-fraction", type=_fraction, default=0.1, metavar="F",
