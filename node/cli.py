@@ -22,9 +22,9 @@ DEFAULT_RESULTS = "./results"
 
 
 def _loader_names() -> list[str]:
-    from node.loaders import LOADERS
+    from node.loaders import LOADER_SPECS
 
-    return list(LOADERS)
+    return list(LOADER_SPECS)
 
 
 def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -92,7 +92,7 @@ def rank_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The options shared by ``run``, ``bench`` and ``matrix``."""
-    from node.train import MODELS
+    from node.choices import MODELS
 
     opts = [
         click.option("--cache", default=DEFAULT_CACHE, show_default=True, metavar="DIR",
@@ -137,12 +137,14 @@ def pair_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 # ----------------------------------------------------------------------------- commands
 
 @cli.command("loaders")
+@click.option("--check", is_flag=True,
+              help="Import each loader and run its full check (CUDA, imports, CUDA builds).")
 @_handle_errors
-def loaders_cmd() -> None:
+def loaders_cmd(check: bool) -> None:
     """Table of loaders: formats, device, whether available here and why not."""
     from node.commands import print_loaders
 
-    print_loaders()
+    print_loaders(check)
 
 
 @cli.command("cache")
@@ -166,6 +168,9 @@ def cache_cmd(**kwargs: Any) -> None:
 @_handle_errors
 def run_cmd(**kwargs: Any) -> None:
     """Cache, train with one loader, measure, and append the results."""
+    from node.commands import preflight
+
+    preflight(**kwargs)  # usage mistakes answered before torch is imported
     from node.runner import RunConfig, run
 
     record = run(RunConfig.from_cli(mode="train", **kwargs))
@@ -181,6 +186,9 @@ def run_cmd(**kwargs: Any) -> None:
 @_handle_errors
 def bench_cmd(emulate_step_ms: float | None, **kwargs: Any) -> None:
     """Loader throughput alone (no model), every step timed; optional emulated step."""
+    from node.commands import preflight
+
+    preflight(**kwargs)
     from node.runner import RunConfig, run
 
     record = run(RunConfig.from_cli(mode="bench", emulate_step_ms=emulate_step_ms, **kwargs))

@@ -19,11 +19,12 @@ from typing import Any
 import torch
 
 from node.cache import CacheStats, ShardCache, assign, remote_slices, val_split
+from node.commands import open_dataset  # torch-free, so the CLI can check first
 from node.errors import UsageError
 from node.loaders.base import LoaderConfig, ShardSlice
 from shared.formats import Format, UnknownFormat, get_format
-from shared.manifest import Manifest, ManifestError
-from shared.storage import BadStorageOptions, StorageError, Store, parse_storage_options
+from shared.manifest import Manifest
+from shared.storage import StorageError, Store
 
 
 @dataclass(frozen=True)
@@ -88,21 +89,6 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
-def open_dataset(store_url: str, dataset: str,
-                 storage_options: str | None) -> tuple[Store, Manifest]:
-    """Open the store and load the dataset's manifest, as usage errors when missing."""
-    try:
-        options = parse_storage_options(storage_options)
-        store = Store.open(store_url, options)
-        return store, Manifest.load(store, dataset)
-    except BadStorageOptions as exc:
-        raise UsageError(str(exc)) from None
-    except FileNotFoundError as exc:
-        raise UsageError(str(exc)) from None
-    except ManifestError as exc:
-        raise UsageError(f"dataset {dataset!r}: {exc}") from None
-
-
 def fill_cache(store: Store, manifest: Manifest, format_id: str, cache_dir: str, rank: int,
                world_size: int, *, with_val: bool | None = None, no_cache: bool = False,
                progress: bool = False) -> CacheFill:
@@ -144,12 +130,14 @@ def _count_files(manifest: Manifest, format_id: str, ranges: list) -> int:
 
 
 def _progress(enabled: bool, total: int, label: str) -> tuple[Any, Any]:
-    if not enabled:
+    if not enabled or not os.isatty(2):  # a live bar only on a terminal; logs get one line
         return None, None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TransferSpeedColumn
 
+    from shared.progress import stderr_console
+
     bar = Progress("[bold]{task.description}", BarColumn(), MofNCompleteColumn(),
-                   TransferSpeedColumn(), transient=True)
+                   TransferSpeedColumn(), transient=True, console=stderr_console())
     task = bar.add_task(label, total=total)
     bar.start()
     return bar, lambda n: bar.update(task, advance=n)
@@ -188,13 +176,14 @@ def check_pair(loader_name: str, format_id: str, manifest: Manifest,
         cls = get_loader(loader_name)
     except UnknownLoader as exc:
         raise UsageError(str(exc)) from None
+    if format_id not in manifest.format_ids:
+        from node.commands import format_not_in_dataset
+
+        raise UsageError(format_not_in_dataset(format_id, manifest))
     try:
         fmt = get_format(format_id)
     except UnknownFormat as exc:
         raise UsageError(str(exc)) from None
-    if format_id not in manifest.format_ids:
-        raise UsageError(f"format {format_id!r} is not in dataset {manifest.name!r}; "
-                         f"it has: {', '.join(manifest.format_ids)}")
     if not cls.supports(fmt):
         fits = [n for n, c in LOADERS.items() if c.supports(fmt)]
         raise UsageError(f"loader {loader_name!r} cannot read format {format_id!r} "

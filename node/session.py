@@ -13,6 +13,8 @@ from typing import Any
 import torch
 
 from node.errors import UsageError
+from node.guards import print_warnings, run_warnings
+from node.progress import cache_done
 from node.runner import RunConfig, build_loader, fill_cache, host_name
 from node.machine import (cpu_budget, evict_page_cache, hardware_id, hardware_info,
                           page_cache_fits, versions_info)
@@ -60,6 +62,12 @@ class RunSession:
             fill = self._cache()
             row.update(cache_time_s=fill.stats.seconds, cache_bytes=fill.stats.bytes_total,
                        fits_in_ram=page_cache_fits(fill.stats.bytes_total))
+            row["config"]["warnings"] = run_warnings(fill, cfg.batch_size, cfg.max_steps,
+                                                     self.manifest.class_names,
+                                                     validate=cfg.mode == "train")
+            print_warnings(row["config"]["warnings"])
+            if not self.quiet:
+                cache_done(f"{self.manifest.name}/{self.fmt.id}", fill)
             train = build_loader(self.loader_cls, self.fmt, fill.train, self.manifest, cfg,
                                  self.device, shuffle=True, options=self.store.storage_options)
             loaders.append(train)
@@ -157,7 +165,8 @@ class RunSession:
             bencher = Bencher(device=self.device, sampler=sampler, max_steps=cfg.max_steps,
                               cold=cfg.cold, emulate_step_ms=cfg.emulate_step_ms)
             bencher.data_bytes = self._train_bytes
-            return bencher.fit(train, cfg.epochs, before_epoch=before_epoch)
+            return bencher.fit(train, cfg.epochs, before_epoch=before_epoch,
+                               after_epoch=self._progress())
         from node.train import Trainer
 
         trainer = Trainer.build(
@@ -166,9 +175,16 @@ class RunSession:
             device=self.device, seed=cfg.seed, optimizer=cfg.optimizer, lr=cfg.lr, ddp=ddp,
             rank=self.rank, sampler=sampler, max_steps=cfg.max_steps, cold=cfg.cold)
         trainer.data_bytes = self._train_bytes
-        result = trainer.fit(train, cfg.epochs, val_loader=val, before_epoch=before_epoch)
+        result = trainer.fit(train, cfg.epochs, val_loader=val, before_epoch=before_epoch,
+                             after_epoch=self._progress())
         self.model_checksum = weights_checksum(trainer.model)
         return result
+
+    def _progress(self) -> Any:
+        from node.progress import EpochProgress
+
+        label = f"{self.manifest.name}/{self.fmt.id}/{self.config.loader}"
+        return None if self.quiet else EpochProgress(label, self.config.epochs)
 
     def _write(self, row: dict[str, Any], epochs: list[dict[str, Any]]) -> None:
         if epochs:
@@ -231,10 +247,11 @@ def _close_quietly(loader: Any) -> None:
 
 def print_summary(row: dict[str, Any], epochs: list[dict[str, Any]]) -> None:
     """One screen: the run's figures and a line per epoch."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=max(Console().width, 120))
+    from shared.progress import stdout_console
+
+    console = stdout_console()
     title = (f"{row['dataset']} / {row['format']} / {row['loader']} on {row['device']} "
              f"({row['model']}): {row['status']}")
     table = Table(title=title)

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from node.choices import MODELS  # defined torch-free, for --help
 from node.loaders.base import Batch
 from node.steps import EpochClock, epoch_is_cold, wait_percentiles  # noqa: F401 - re-exported
 from node.telemetry import Sampler, WindowStats, disk_read_bytes
 
-MODELS = ("convnet", "resnet18", "googlenet")
 OPTIMIZERS = ("sgd", "rmsprop")
 DEFAULT_LR = {"sgd": 0.05, "rmsprop": 1e-3}
 
@@ -599,12 +599,14 @@ class Trainer:
         return cold
 
     def fit(self, loader: BatchSource, epochs: int, *, val_loader: BatchSource | None = None,
-            before_epoch: Callable[[int], None] | None = None) -> TrainResult:
+            before_epoch: Callable[[int], None] | None = None,
+            after_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
         """Train ``epochs`` epochs, validating after each when ``val_loader`` is given.
 
         Args:
             before_epoch: called with the epoch number before each epoch, outside the
                 timed region (e.g. page-cache eviction for ``--cold``).
+            after_epoch: called with the epoch number and its row (progress lines).
         """
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -621,6 +623,8 @@ class Trainer:
                                self.preprocess)
                 row["val_accuracy"], row["val_f1"] = val.accuracy, val.f1
             rows.append(row)
+            if after_epoch is not None:
+                after_epoch(epoch, row)
         total = time.perf_counter() - start
         telemetry = self.sampler.totals() if self.sampler is not None else None
         waits = np.concatenate(self.waits) if self.waits else np.zeros(0)

@@ -22,10 +22,12 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prep.plan import ShardPlan, ShardResult, convert_shard, default_shard_samples, plan_shards
+from prep.quality import measure_quality, quality_cells, quality_columns
 from prep.sources import SOURCES, SourceError, get_source
 from shared.formats import CATALOG, UnknownFormat, parse_format_list
 from shared.manifest import (FormatEntry, Manifest, ManifestError, Reject, ShardEntry,
                              SplitEntry)
+from shared.progress import stdout_console
 from shared.results import new_id, utc_now, write_rows
 from shared.shards import STAGING_DIR
 from shared.storage import (BadStorageOptions, StorageError, Store, one_line,
@@ -59,11 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: native size; required for image-folder)")
     p.add_argument("--formats", default="all", metavar="all|ID,ID,...",
                    help=f"formats to write; catalog: {', '.join(CATALOG)}; "
-                        "also jpeg-qN and webp-qN for N in 1..100")
+                        "also jpeg-qN, jpeg-qN-444 and webp-qN for N in 1..100")
     p.add_argument("--shard-samples", type=_positive_int, metavar="N",
                    help="samples per shard (default: about 64 MiB of decoded pixels)")
     p.add_argument("--val-fraction", type=_fraction, default=0.1, metavar="F",
-                   help="image-folder without split folders: share of images for val")
+                   help="image-folder without split folders: share of each class's images "
+                        "for val (default: %(default)s)")
     p.add_argument("--max-rejects", type=_nonneg_int, default=DEFAULT_MAX_REJECTS,
                    metavar="N", help="fail the job when more inputs than this are rejected")
     p.add_argument("--results", metavar="URL",
@@ -168,6 +171,7 @@ def run(args: argparse.Namespace) -> Manifest:
     if args.source == "image-folder" and args.size is None:
         raise UsageError("--size is required for --source image-folder")
 
+    check_outputs(args, options)
     source_kwargs = {"val_fraction": args.val_fraction} if args.source == "image-folder" else {}
     source = get_source(args.source, args.src, options, **source_kwargs)
     listing = source.list()
@@ -198,9 +202,11 @@ def run(args: argparse.Namespace) -> Manifest:
                          listing_rejects)
     manifest.save(dst)
     dst.delete(f"{name}/{STAGING_DIR}", recursive=True)
-    _report(console, manifest, results, wall)
+    quality = measure_quality(source, plans, formats, size)
+    _report(console, manifest, results, wall, quality)
     if args.results:
-        _write_conversions(args.results, options, manifest, results, wall, workers, formats)
+        _write_conversions(args.results, options, manifest, results, wall, workers, formats,
+                           quality=quality)
     return manifest
 
 
@@ -225,14 +231,22 @@ def _run_tasks(executor: Any, plans: Sequence[ShardPlan], source: Any,
             results.append(result)
             rejected += len(result.rejects)
             images += result.samples + len(result.rejects)
-            rate = images / max(time.perf_counter() - t0, 1e-9)
-            progress.update(task, advance=1,
-                            rate=f"{images}/{total_images} images, {rate:,.0f} img/s")
+            progress.update(task, advance=1, rate=progress_text(
+                images, total_images, time.perf_counter() - t0))
             if rejected > max_rejects:
                 raise JobFailed(f"more than {args.max_rejects} inputs rejected "
                                 f"(last: {result.rejects[-1].key}: {result.rejects[-1].reason}); "
                                 "committed shards stay; see --max-rejects")
     return results
+
+
+def progress_text(images: int, total: int, elapsed_s: float) -> str:
+    """``40/120 images, 35 img/s, about 2 s left``: the estimate from the images so far."""
+    from shared.progress import duration, seconds_left
+
+    rate = images / max(elapsed_s, 1e-9)
+    left = seconds_left(images, total, elapsed_s)
+    return f"{images}/{total} images, {rate:,.0f} img/s, about {duration(left)} left"
 
 
 def _manifest(args: argparse.Namespace, name: str, listing: Any, size: int,
@@ -267,7 +281,30 @@ def _manifest(args: argparse.Namespace, name: str, listing: Any, size: int,
         rejects=tuple(rejects), tool_version=tool_version, created_at=utc_now().isoformat())
 
 
-def _report(console: Any, manifest: Manifest, results: list[ShardResult], wall: float) -> None:
+def check_outputs(args: argparse.Namespace, options: dict) -> None:
+    """Refuse, before any work, an output location that is a file or lies inside one.
+
+    Raises:
+        UsageError: one line naming the flag.
+    """
+    for flag, url, what in (("--dst", args.dst, "the store to write <name>/ into"),
+                            ("--results", args.results, "the results store")):
+        if url is None:
+            continue
+        store = Store.open(url, options)
+        path = store.root
+        while True:
+            if store.fs.isfile(path):
+                shown = store.display_url if path == store.root else path
+                raise UsageError(f"{flag} {shown} is a file; it must be a folder ({what})")
+            parent = os.path.dirname(path.rstrip("/"))
+            if not store.is_local or not parent or parent == path or os.path.isdir(path):
+                break
+            path = parent
+
+
+def _report(console: Any, manifest: Manifest, results: list[ShardResult], wall: float,
+            quality: dict | None = None) -> None:
     from rich.table import Table
 
     samples = sum(s.samples for s in manifest.splits)
@@ -275,13 +312,15 @@ def _report(console: Any, manifest: Manifest, results: list[ShardResult], wall: 
     skipped = sum(r.skipped for r in results)
     table = Table(title=f"{manifest.name}: {samples:,} samples, {len(manifest.rejects)} rejects, "
                         f"{len(results)} shards ({skipped} already committed), {wall:.1f} s")
-    for col in ("format", "samples", "bytes", "bytes/sample", "ratio to raw", "encode s"):
+    for col in ("format", "samples", "bytes", "bytes/sample", "ratio to pixels", "encode s",
+                "PSNR dB", "SSIM"):
         table.add_column(col, justify="left" if col == "format" else "right")
     for f in manifest.formats:
         table.add_row(f.id, f"{samples:,}", f"{f.total_bytes:,}",
                       f"{f.total_bytes / max(samples, 1):,.0f}",
-                      f"{f.total_bytes / max(raw, 1):.3f}", f"{f.conversion_time_s:.2f}")
-    console.print(table)
+                      f"{f.total_bytes / max(raw, 1):.3f}", f"{f.conversion_time_s:.2f}",
+                      *quality_cells((quality or {}).get((f.id, "train"))))
+    stdout_console().print(table)  # the result on stdout, messages on stderr
     for reject in manifest.rejects[:20]:
         console.print(f"[yellow]rejected[/yellow] {reject.key}: {reject.reason}")
     if len(manifest.rejects) > 20:
@@ -290,7 +329,7 @@ def _report(console: Any, manifest: Manifest, results: list[ShardResult], wall: 
 
 def _write_conversions(url: str, options: dict, manifest: Manifest,
                        results: list[ShardResult], wall: float, workers: int,
-                       formats: list) -> None:
+                       formats: list, quality: dict | None = None) -> None:
     job_id = new_id()
     rows = []
     by_id = {f.id: f for f in formats}
@@ -310,7 +349,8 @@ def _write_conversions(url: str, options: dict, manifest: Manifest,
                 "ratio_to_raw": nbytes / max(raw, 1), "encode_time_s": encode,
                 "wall_time_s": wall, "images_per_s": samples / max(wall, 1e-9),
                 "workers": workers, "bits": described.get("bits", 8),
-                "compression": described.get("compression"), "image_size": manifest.height})
+                "compression": described.get("compression"), "image_size": manifest.height,
+                **quality_columns(by_id[f.id], (quality or {}).get((f.id, split)))})
     write_rows(Store.open(url, options), "conversions", rows, file_id=job_id)
 
 

@@ -4,6 +4,8 @@
 #   2. a local Ray head (loopback, no auth), the conversion submitted with `ray job submit`
 #   3. `node-agent matrix` over every loader this machine can run
 #   4. `node-agent report`: comparison tables, format sizes, charts, a recommendation
+# Every long step prints its progress (convert: images and time left; matrix: pairs done
+# and left, time left, a summary table); the demo ends with the path of report.html.
 # The Ray head started here is stopped by its own process group on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,10 +14,13 @@ OUT=${DEMO_OUT:-$ROOT/demo-out}
 EPOCHS=${EPOCHS:-2}
 TRAIN=${TRAIN:-2000}   # generated archive: training images (over the 5 batch files)
 TEST=${TEST:-500}
-FORMATS=${FORMATS:-bmp,png,tiff-lzw,jpeg-q95,jpeg-q75,jp2-lossless,webp-q90,npy,npy-files,hdf5,hdf5-gzip,zarr,zarr-zstd}
+FORMATS=${FORMATS:-bmp,png,tiff-lzw,jpeg-q95,jpeg-q95-444,jpeg-q75,jp2-lossless,webp-q90,npy,npy-files,hdf5,hdf5-gzip,zarr,zarr-zstd}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+START=$SECONDS
+step() { echo "demo: [$1/5, $((SECONDS - START)) s] $2"; }
 
+step 1 "the dataset"
 if [[ -n "${DATA:-}" ]]; then
   SRC=$(cd "$(dirname "$DATA")" && pwd)/$(basename "$DATA")
   echo "demo: using the CIFAR-10 archive $SRC"
@@ -61,7 +66,7 @@ for _ in $(seq 1 120); do
 done
 
 STORE="$OUT/store"; RESULTS="$OUT/results"; CACHE="$OUT/cache"
-echo "demo: ray job submit --working-dir . -- python prep/convert.py ..."
+step 2 "convert: ray job submit --working-dir . -- python prep/convert.py ... (progress below)"
 submit() {
   ray job submit --address "$RAY_ADDRESS" --working-dir . -- \
     python prep/convert.py --source cifar10 --src "$SRC" --dst "$STORE" --name cifar10 \
@@ -79,10 +84,18 @@ stop_ray
 trap - EXIT
 
 node-agent loaders
+step 3 "train every loader x format pair that runs here (node-agent matrix)"
 node-agent matrix --store "$STORE" --dataset cifar10 --cache "$CACHE" --results "$RESULTS" \
   --epochs "$EPOCHS" --batch-size 128 --workers 2 --model convnet
 # Loader throughput alone (no model), each step standing in for a 5 ms accelerator step.
+step 4 "loader throughput alone (node-agent matrix --bench)"
 node-agent matrix --bench --emulate-step-ms 5 --store "$STORE" --dataset cifar10 \
   --cache "$CACHE" --results "$RESULTS" --epochs "$EPOCHS" --batch-size 128 --workers 2
+step 5 "the report (node-agent report)"
 node-agent report --results "$RESULTS" --out "$OUT/report"
-echo "demo: tables and charts are in $OUT/report"
+echo "demo: done in $((SECONDS - START)) s; tables, CSV and charts are in $OUT/report"
+if [[ -f "$OUT/report/report.html" ]]; then
+  echo "demo: open $OUT/report/report.html"
+else
+  echo "demo: the report is $OUT/report/report.md"
+fi

@@ -147,6 +147,9 @@ CONVERSIONS = pa.schema([
     ("bits", pa.int32()),
     ("compression", pa.string()),
     ("image_size", pa.int32()),
+    ("psnr_db", pa.float64()),  # lossy formats: against the decoded source; null if lossless
+    ("ssim", pa.float64()),  # mean SSIM (Wang et al., 11x11 Gaussian); null if lossless
+    ("chroma_subsampling", pa.string()),  # "4:2:0", "4:4:4"
 ])
 
 TABLES: Mapping[str, pa.Schema] = {"runs": RUNS, "epochs": EPOCHS, "conversions": CONVERSIONS}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prep.sources.base import (
@@ -17,12 +17,33 @@ from prep.sources.base import (
 from shared.storage import StorageError
 
 SPLIT_NAMES = frozenset({"train", "val", "validation", "test"})
-_HASH_SPACE = 1 << 160  # sha1 digests as integers
 
 
-def in_val_split(rel: str, val_fraction: float) -> bool:
-    """Deterministic validation membership of a file, by a hash of its relative path."""
-    return int.from_bytes(hashlib.sha1(rel.encode()).digest(), "big") < val_fraction * _HASH_SPACE
+def _path_hash(rel: str) -> bytes:
+    return hashlib.sha1(rel.encode()).digest()
+
+
+def val_count(n: int, val_fraction: float) -> int:
+    """How many of a class's ``n`` files go to val: ``round(f * n)``, but at least one
+    (so every class is validated) and never all (so every class is trained on)."""
+    if val_fraction <= 0 or n < 2:
+        return 0
+    return min(n - 1, max(1, round(val_fraction * n)))
+
+
+def val_members(rels: Iterable[str], val_fraction: float, depth: int = 0) -> frozenset[str]:
+    """The files of the val split, stratified by class and deterministic.
+
+    In each class (the path component at ``depth``) the :func:`val_count` files whose
+    relative paths hash lowest (SHA-1) go to val: a function of the listing alone.
+    """
+    by_class: dict[str, list[str]] = {}
+    for rel in rels:
+        by_class.setdefault(rel.split("/")[depth], []).append(rel)
+    chosen: set[str] = set()
+    for members in by_class.values():
+        chosen.update(sorted(members, key=_path_hash)[:val_count(len(members), val_fraction)])
+    return frozenset(chosen)
 
 
 class ImageFolderSource(Source):
@@ -30,7 +51,8 @@ class ImageFolderSource(Source):
 
     Split folders are used when every top-level folder is one of ``train``, ``val``,
     ``validation`` or ``test`` and each holds class folders; otherwise a deterministic
-    ``val`` split is drawn by a hash of each file's relative path. Every non-hidden
+    ``val`` split is drawn in each class by a hash of each file's relative path
+    (:func:`val_members`), so every class is validated. Every non-hidden
     file is listed whatever its extension: whether it is an image is decided by its
     content when it is decoded. Files in sub-folders of a class folder belong to it.
 
@@ -63,20 +85,12 @@ class ImageFolderSource(Source):
 
         use_splits = self._has_split_folders(files)
         depth = 1 if use_splits else 0  # index of the class folder in a path
-        placed: list[tuple[str, str, str]] = []  # (rel, split, class)
-        rejects: list[tuple[str, str]] = []
-        for rel in files:
-            parts = rel.split("/")
-            if len(parts) < depth + 2:
-                rejects.append((rel, "not inside a class folder"))
-                continue
-            if use_splits:
-                split = parts[0]
-            elif in_val_split(rel, self.val_fraction):
-                split = "val"
-            else:
-                split = "train"
-            placed.append((rel, split, parts[depth]))
+        rejects = [(rel, "not inside a class folder") for rel in files
+                   if len(rel.split("/")) < depth + 2]
+        in_class = [rel for rel in files if len(rel.split("/")) >= depth + 2]
+        val = frozenset() if use_splits else val_members(in_class, self.val_fraction)
+        placed = [(rel, rel.split("/")[0] if use_splits else "val" if rel in val else "train",
+                   rel.split("/")[depth]) for rel in in_class]  # (rel, split, class)
 
         class_names = tuple(sorted({cls for _, _, cls in placed}))
         if not class_names:
@@ -92,8 +106,8 @@ class ImageFolderSource(Source):
         if use_splits:
             note = f"image-folder: split folders used as splits ({shown})"
         else:
-            note = (f"image-folder: no split folders; val = files whose path hash falls in the "
-                    f"first {self.val_fraction:g} ({shown})")
+            note = (f"image-folder: no split folders; val = {self.val_fraction:g} of each "
+                    f"class, chosen by path hash ({shown})")
         return SourceListing(
             items=tuple(items),
             class_names=class_names,

@@ -1,6 +1,7 @@
 """The one registry of storage formats, keyed by format id.
 
-Fixed ids map to factories; ``jpeg-qN`` and ``webp-qN`` (N = 1..100) are parsed.
+Fixed ids map to factories; ``jpeg-qN``, ``jpeg-qN-444`` and ``webp-qN`` (N = 1..100)
+are parsed.
 The CLI's choices, ``--formats all`` and error messages all come from here.
 """
 
@@ -39,15 +40,17 @@ FIXED_FORMATS: dict[str, Callable[[], Format]] = {
     "zarr-zstd": lambda: ZarrFormat(zstd=True),
 }
 
-# Quality-parameterised families: pattern -> factory taking N (canonical spelling only).
-QUALITY_FORMATS: dict[str, Callable[[int], Format]] = {
-    "jpeg-q": JpegFormat,
-    "webp-q": WebpFormat,
+# Quality-parameterised families: prefix and suffix around N -> factory taking N
+# (canonical spelling only).
+QUALITY_FORMATS: dict[tuple[str, str], Callable[[int], Format]] = {
+    ("jpeg-q", ""): JpegFormat,
+    ("jpeg-q", "-444"): lambda n: JpegFormat(n, "4:4:4"),
+    ("webp-q", ""): WebpFormat,
 }
-_QUALITY_ID = re.compile(r"^(?P<family>[a-z]+-q)(?P<n>[1-9][0-9]?|100)$")
+_QUALITY_ID = re.compile(r"^(?P<family>[a-z]+-q)(?P<n>[1-9][0-9]?|100)(?P<suffix>-444)?$")
 
 CATALOG: tuple[str, ...] = (
-    "bmp", "png", "tiff", "tiff-lzw", "tiff-zip", "jpeg-q95", "jpeg-q75",
+    "bmp", "png", "tiff", "tiff-lzw", "tiff-zip", "jpeg-q95", "jpeg-q95-444", "jpeg-q75",
     "jp2-lossless", "jp2-lossy", "webp-lossless", "webp-q90",
     "npy", "npy-files", "hdf5", "hdf5-gzip", "hdf5-lzf", "zarr", "zarr-zstd",
 )
@@ -56,7 +59,7 @@ CATALOG: tuple[str, ...] = (
 def format_id_help() -> str:
     """One line naming every valid format id, for ``--help`` and error messages."""
     fixed = [i for i in FIXED_FORMATS if i not in CATALOG]
-    catalog_extra = [f"{prefix}N (N = 1..100)" for prefix in QUALITY_FORMATS]
+    catalog_extra = [f"{prefix}N{suffix} (N = 1..100)" for prefix, suffix in QUALITY_FORMATS]
     return ", ".join([*CATALOG, *fixed, *catalog_extra]) + ", or 'all' (the catalog)"
 
 
@@ -70,9 +73,20 @@ def get_format(format_id: str) -> Format:
     if factory is not None:
         return factory()
     match = _QUALITY_ID.match(format_id)
-    if match and match["family"] in QUALITY_FORMATS:
-        return QUALITY_FORMATS[match["family"]](int(match["n"]))
+    family = (match["family"], match["suffix"] or "") if match else None
+    if family in QUALITY_FORMATS:
+        return QUALITY_FORMATS[family](int(match["n"]))
     raise UnknownFormat(f"unknown format {format_id!r}; valid: {format_id_help()}")
+
+
+def chroma_subsampling(fmt: Format) -> str:
+    """The chroma subsampling of what ``fmt`` stores: ``4:2:0`` for JPEG's default and
+    lossy WebP (VP8 always subsamples), ``4:4:4`` for everything that keeps full chroma."""
+    if fmt.family == "jpeg":
+        return str(fmt.params.get("subsampling", "4:2:0"))
+    if fmt.family == "webp" and not fmt.lossless:
+        return "4:2:0"
+    return "4:4:4"
 
 
 def parse_format_list(text: str) -> list[Format]:

@@ -56,7 +56,7 @@ def test_loaders_table_lists_every_loader() -> None:
     if not torch.cuda.is_available():
         unavailable = {r["loader"] for r in rows if not r["available"]}
         assert unavailable == {n for n, c in LOADERS.items() if c.device_kind == "cuda"}
-        assert "torch.cuda.is_available() is False" in result.output
+        assert "needs an NVIDIA GPU" in result.output
 
 
 USAGE_ERRORS = {
@@ -157,3 +157,46 @@ def test_exit_codes_in_a_real_process(dataset: Dataset, tmp_path: Path) -> None:
     assert "checksum mismatch" in one_error_line(f_err) and "Traceback" not in f_out
     assert "failed" in f_out  # the run summary says so
     assert pd.read_parquet(tmp_path / "b" / "results" / "runs")["status"].tolist() == ["failed"]
+
+
+def exact_error(args: list[str]) -> str:
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    return one_error_line(result.stderr).removeprefix("node-agent: error: ")
+
+
+def test_format_all_says_run_takes_one_and_lists_the_datasets_formats(
+        dataset: Dataset, tmp_path: Path) -> None:
+    has = ", ".join(dataset.manifest.format_ids)
+    assert exact_error(run_args(dataset, tmp_path, "file", "all")) == (
+        "--format takes one format id, not 'all' (`node-agent matrix --formats all` runs "
+        f"every one); dataset {dataset.name!r} has: {has}")
+
+
+def test_missing_dataset_lists_the_datasets_the_store_holds(dataset: Dataset,
+                                                            tmp_path: Path) -> None:
+    args = run_args(dataset, tmp_path, "numpy_mmap", "npy")
+    args[args.index("--dataset") + 1] = "nothere"
+    assert exact_error(args) == (f"dataset 'nothere' not found in {dataset.store} "
+                                 f"(no manifest.json); it holds: {dataset.name}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args[args.index("--store") + 1] = str(empty)
+    assert exact_error(args) == (f"dataset 'nothere' not found in {empty} "
+                                 "(no manifest.json); it holds no converted dataset")
+
+
+def test_a_store_that_does_not_exist_says_so(dataset: Dataset, tmp_path: Path) -> None:
+    args = run_args(dataset, tmp_path, "numpy_mmap", "npy")
+    args[args.index("--store") + 1] = str(tmp_path / "nostore")
+    assert exact_error(args) == (f"store {tmp_path / 'nostore'} does not exist; --store "
+                                 "takes the --dst folder that prep/convert.py wrote")
+
+
+def test_matrix_with_nothing_to_run_exits_2_naming_why(dataset: Dataset,
+                                                       tmp_path: Path) -> None:
+    args = ["matrix", "--store", dataset.store, "--dataset", dataset.name, "--cache",
+            str(tmp_path / "cache"), "--results", str(tmp_path / "results"),
+            "--loaders", "hdf5", "--formats", "npy"]
+    assert exact_error(args) == "matrix: nothing to run here; hdf5: none of the formats npy fits it"
+    assert not (tmp_path / "results").exists()

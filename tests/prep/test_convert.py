@@ -35,7 +35,7 @@ from PIL import Image, ImageOps
 
 from prep import datagen
 from prep.convert import main
-from prep.sources.image_folder import in_val_split
+from prep.sources.image_folder import val_members
 from shared.formats import CATALOG, get_format
 from shared.manifest import INDEX_FILE, MANIFEST_FILE, Manifest
 from shared.shards import STAGING_DIR, read_index
@@ -55,7 +55,7 @@ free_port, start_s3_server = _root.free_port, _root.start_s3_server
 PER_BATCH, TEST = 40, 40  # CIFAR: 200 train + 40 test
 SHARD = 64
 # Mean PSNR floors on noisy, saturated 32x32 images (JPEG subsamples chroma 4:2:0).
-LOSSY_FLOOR_DB = {"jpeg-q95": 29.0, "jpeg-q75": 26.0, "jp2-lossy": 35.0, "webp-q90": 29.0}
+LOSSY_FLOOR_DB = {"jpeg-q95": 29.0, "jpeg-q95-444": 29.0, "jpeg-q75": 26.0, "jp2-lossy": 35.0, "webp-q90": 29.0}
 _SHARD_META = b"formatlab.shard"
 
 
@@ -425,9 +425,10 @@ def test_image_folder_odd_files(tmp_path: Path, capsys: pytest.CaptureFixture[st
         assert key in flat(output)
     # Everything else converted, exactly once, in its hash-chosen split.
     expected: dict[str, set[str]] = {}
+    val = val_members(made["files"], 0.1)
     for rel, info in made["files"].items():
         if info["expect"] == "ok":
-            expected.setdefault("val" if in_val_split(rel, 0.1) else "train", set()).add(rel)
+            expected.setdefault("val" if rel in val else "train", set()).add(rel)
     shards = assert_exactly_once(store / "image-folder", m, expected)
     assert not any(h in reasons or h in output for h in made["hidden"])
 
@@ -586,9 +587,10 @@ def test_killed_conversion_resumes_exactly(tmp_path: Path,
     rejected = set(made["rejects"]) | set(made["listing_rejects"])
     assert {r.key for r in m.rejects} == rejected
     expected: dict[str, set[str]] = {}
+    val = val_members(made["files"], 0.1)
     for rel in made["files"]:
         if rel not in rejected:
-            expected.setdefault("val" if in_val_split(rel, 0.1) else "train", set()).add(rel)
+            expected.setdefault("val" if rel in val else "train", set()).add(rel)
     assert sum(len(v) for v in expected.values()) == len(made["files"]) - len(made["rejects"])
     assert_exactly_once(dataset, m, expected)
     assert assert_no_index_without_data(dataset) == sum(len(f.shards) for f in m.formats)

@@ -20,7 +20,7 @@ from prep import datagen
 from prep.sources import SOURCES, SourceError, SourceItem, get_source
 from prep.sources.base import Source
 from prep.sources.cifar10 import CifarRef, _Refused, safe_unpickle
-from prep.sources.image_folder import in_val_split
+from prep.sources.image_folder import val_count, val_members
 from prep.transform import RejectError, prepare_image
 
 PER_BATCH, TEST = 6, 5
@@ -312,8 +312,9 @@ def test_image_folder_without_split_folders(folder: dict) -> None:
     assert {it.key: it.label for it in listing.items} == _expected_items(folder)
     assert dict(listing.rejects) == folder["listing_rejects"]
     assert not set(folder["hidden"]) & {it.key for it in listing.items}
+    val = val_members(folder["files"], 0.1)
     for item in listing.items:
-        assert item.split == ("val" if in_val_split(item.key, 0.1) else "train")
+        assert item.split == ("val" if item.key in val else "train")
     assert set(listing.splits) <= {"train", "val"}
 
     # The split is a function of the path alone: same listing every time.
@@ -465,3 +466,26 @@ def test_every_source_reads_from_s3(s3_server, s3_bucket: str, cifar: dict, tiny
     with pytest.raises(SourceError) as err:
         get_source("cifar10", f"{s3_bucket}/missing.tar.gz", options).list()
     assert options["secret"] not in str(err.value)
+
+
+def test_image_folder_val_split_is_stratified_by_class(tmp_path: Path) -> None:
+    """Every class gets round(f * n) val files (at least one, never all), chosen by the
+    lowest path hashes within the class; the same listing every time."""
+    import hashlib
+
+    sizes = {"cat": 30, "dog": 7, "owl": 2, "yak": 1}
+    for cls, n in sizes.items():
+        (tmp_path / cls).mkdir()
+        for i in range(n):
+            (tmp_path / cls / f"{i:03d}.jpg").write_bytes(b"x")
+    listing = get_source("image-folder", str(tmp_path), val_fraction=0.1).list()
+    val = {it.key for it in listing.items if it.split == "val"}
+    per_class = {cls: sum(k.startswith(f"{cls}/") for k in val) for cls in sizes}
+    assert per_class == {"cat": 3, "dog": 1, "owl": 1, "yak": 0}
+    assert [val_count(n, 0.1) for n in (30, 7, 2, 1)] == [3, 1, 1, 0]
+    for cls in sizes:
+        ranked = sorted((k for k in (it.key for it in listing.items) if k.startswith(f"{cls}/")),
+                        key=lambda k: hashlib.sha1(k.encode()).digest())
+        assert set(ranked[:per_class[cls]]) == {k for k in val if k.startswith(f"{cls}/")}
+    assert get_source("image-folder", str(tmp_path), val_fraction=0.1).list() == listing
+    assert val_count(10, 0.0) == 0 and val_count(10, 0.99) == 9

@@ -22,13 +22,15 @@ from shared.formats import (
     get_format,
     parse_format_list,
 )
+from shared.quality import psnr
 from shared.storage import Store, checksum_file
 
 SHAPES = [(32, 32), (48, 40)]
 N = 6
 # Floors from measured per-image PSNR on these images, about 3 dB below the lowest:
-# jpeg-q95 36.2, jpeg-q75 35.3, jp2-lossy 39.4, webp-q90 35.7 (Pillow 13).
-PSNR_FLOOR = {"jpeg-q95": 33.0, "jpeg-q75": 32.0, "jp2-lossy": 36.0, "webp-q90": 32.0}
+# jpeg-q95 36.2, jpeg-q95-444 37.3, jpeg-q75 35.3, jp2-lossy 39.4, webp-q90 35.7 (Pillow 13).
+PSNR_FLOOR = {"jpeg-q95": 33.0, "jpeg-q95-444": 34.0, "jpeg-q75": 32.0, "jp2-lossy": 36.0,
+              "webp-q90": 32.0}
 ARRAY_FORMATS = [f for f in CATALOG if get_format(f).kind is FormatKind.ARRAY]
 
 
@@ -43,11 +45,6 @@ def make_images(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
                + rng.normal(0, 4, (h, w, 3)))
         out.append(np.clip(img, 0, 255).astype(np.uint8))
     return np.stack(out)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
 class Written:
@@ -142,6 +139,7 @@ MAGIC = {
     "tiff-zip": lambda b: (b[:4] in (b"II*\0", b"MM\0*")
                            and _tiff_compression(b) == "tiff_adobe_deflate"),
     "jpeg-q95": lambda b: b[:3] == b"\xff\xd8\xff",
+    "jpeg-q95-444": lambda b: b[:3] == b"\xff\xd8\xff",
     "jpeg-q75": lambda b: b[:3] == b"\xff\xd8\xff",
     "jp2-lossless": lambda b: b[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n",
     "jp2-lossy": lambda b: b[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n",
@@ -261,7 +259,7 @@ def test_writer_rejects_bad_arrays(tmp_path: Path, format_id: str) -> None:
 
 
 def test_catalog_ids_resolve_and_describe() -> None:
-    assert len(CATALOG) == 18 and len(set(CATALOG)) == 18
+    assert len(CATALOG) == 19 and len(set(CATALOG)) == 19
     for format_id in CATALOG:
         fmt = get_format(format_id)
         assert fmt.id == format_id
@@ -307,3 +305,36 @@ def test_importing_formats_does_not_import_h5py_or_zarr() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "False"
+
+
+def _sampling(data: bytes) -> int:
+    """Pillow's code for a JPEG's chroma sampling: 0 is 4:4:4, 2 is 4:2:0."""
+    import io
+
+    from PIL import Image, JpegImagePlugin
+
+    with Image.open(io.BytesIO(data)) as img:
+        return JpegImagePlugin.get_sampling(img)
+
+
+def test_jpeg_444_keeps_full_chroma_and_scores_higher() -> None:
+    """jpeg-qN-444 writes 4:4:4 JPEGs; on sharp colour edges it beats 4:2:0 clearly."""
+    from shared.formats.registry import chroma_subsampling
+
+    y, x = np.mgrid[0:32, 0:32]
+    stripes = np.stack([(x % 4 < 2) * 200 + 20, (y % 4 < 2) * 180 + 30,
+                        ((x + y) % 6 < 3) * 150 + 50], axis=-1).astype(np.uint8)
+    plain, full = get_format("jpeg-q95"), get_format("jpeg-q95-444")
+    assert (full.id, full.params["subsampling"], full.compression) == (
+        "jpeg-q95-444", "4:4:4", "q95-444")
+    assert _sampling(full.encode(stripes)) == 0 and _sampling(plain.encode(stripes)) == 2
+    p420 = psnr(stripes, plain.decode(plain.encode(stripes)))
+    p444 = psnr(stripes, full.decode(full.encode(stripes)))
+    assert p444 > p420 + 3, (p420, p444)
+    assert [chroma_subsampling(get_format(f)) for f in
+            ("jpeg-q95", "jpeg-q95-444", "webp-q90", "webp-lossless", "png", "npy")] == [
+        "4:2:0", "4:4:4", "4:2:0", "4:4:4", "4:4:4", "4:4:4"]
+    assert get_format("jpeg-q7-444").id == "jpeg-q7-444"
+    for bad in ("jpeg-q95-420", "webp-q90-444", "jpeg-q0-444"):
+        with pytest.raises(UnknownFormat):
+            get_format(bad)
