@@ -1,0 +1,195 @@
+"""The report's tables as text: Markdown files, the terminal, and report.md."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.table import Table
+from rich.text import Text
+
+from node.report.tables import (
+    _BY_COLUMN,
+    BENCH_FIGURES,
+    SUMMARY_FIGURES,
+    Figure,
+    Results,
+    _pivot,
+    _row_levels,
+    bench_table,
+    comparison_tables,
+    failed_runs,
+    format_size_table,
+    summarise,
+    summary_tables,
+)
+from node.report.units import _bytes, _cells, _missing
+
+
+@dataclass(frozen=True)
+class TextTable:
+    """A rendered table: file stem, title, string cells, and its numbers for the CSV.
+
+    ``terminal`` is a narrower version for the terminal (medians only), when the full
+    one would not fit; ``labels`` is the number of leading label columns.
+    """
+
+    stem: str
+    title: str
+    text: pd.DataFrame
+    numbers: pd.DataFrame
+    labels: int
+    terminal: pd.DataFrame | None = None
+    legend: str = ""
+
+
+def _figure_text(summary: pd.DataFrame, fig: Figure) -> pd.DataFrame:
+    return _pivot(summary, _cells(summary, fig)).fillna("-").reset_index()
+
+
+def _wide_text(part: pd.DataFrame, lead: Sequence[str], figures: Sequence[Figure],
+               spread: bool) -> pd.DataFrame:
+    text = part[list(lead)].astype(str).assign(repeats=part["repeats"].astype(str))
+    for fig in figures:
+        text[fig.short] = _cells(part, fig, spread)
+    text["io path"] = part["io_path"].astype(str)
+    return text.reset_index(drop=True)
+
+
+def _legend(figures: Sequence[Figure]) -> str:
+    return "; ".join(f"{f.short} = {f.heading}" for f in figures)
+
+
+def build_tables(results: Results) -> list[TextTable]:
+    """Every table of the report, in reading order."""
+    runs, conv = results.runs, results.conversions
+    tables: list[TextTable] = []
+    train = summarise(runs, "train")
+    levels = _row_levels(train)
+    numbers = summary_tables(runs)
+    legend = _legend(SUMMARY_FIGURES)
+    for dataset, part in train.groupby("dataset", sort=True):
+        part = part.sort_values("throughput_img_s", ascending=False)
+        tables.append(TextTable(
+            f"summary_{_slug(dataset)}", f"{dataset}: training runs, fastest first",
+            _wide_text(part, levels, SUMMARY_FIGURES, spread=True),
+            numbers[str(dataset)].reset_index(), len(levels),
+            terminal=_wide_text(part, levels, SUMMARY_FIGURES, spread=False),
+            legend=legend))
+    for column, pivot in comparison_tables(runs).items():
+        fig = _BY_COLUMN[column]
+        tables.append(TextTable(f"comparison_{column}", f"{fig.heading} by dataset",
+                                _figure_text(train, fig), pivot.reset_index(), len(levels)))
+    bench = summarise(runs, "bench")
+    if not bench.empty:
+        bench = bench.sort_values(["dataset", "throughput_img_s"], ascending=[True, False])
+        bench = bench.assign(**{"emulated step": bench["emulated_step_ms"].map(
+            lambda v: "-" if _missing(v) else f"{v:g} ms")})
+        lead = ["dataset", "loader", "format", "emulated step"]
+        tables.append(TextTable(
+            "bench", "Bench runs: the loader alone (no model), fastest first",
+            _wide_text(bench, lead, BENCH_FIGURES, spread=True), bench_table(runs), 3,
+            terminal=_wide_text(bench, lead, BENCH_FIGURES, spread=False),
+            legend=_legend(BENCH_FIGURES).replace(
+                "accelerator utilisation (%)",
+                "accelerator utilisation the loader allows under the emulated step (%)")))
+    sizes = format_size_table(conv)
+    if not sizes.empty:
+        text = pd.DataFrame({
+            "dataset": sizes["dataset"], "format": sizes["format"],
+            "bits": sizes["bits"].map(lambda v: "-" if _missing(v) else str(int(v))),
+            "compression / quality": sizes["compression"].fillna("-").astype(str),
+            "samples": sizes["samples"].map(lambda v: f"{int(v):,}"),
+            "bytes": sizes["bytes"].map(_bytes),
+            "bytes per sample": sizes["bytes_per_sample"].map(
+                lambda v: "-" if _missing(v) else f"{v:,.0f} B"),
+            "ratio to raw": sizes["ratio_to_raw"].map(
+                lambda v: "-" if _missing(v) else f"{v:.3f}"),
+        })
+        tables.append(TextTable("format_sizes",
+                                "Format sizes (latest conversion job, all splits summed)",
+                                text, sizes, 2))
+    failed = failed_runs(runs)
+    if not failed.empty:
+        text = failed[["dataset", "loader", "format", "mode", "run_id", "host", "error"]]
+        tables.append(TextTable("failed_runs", "Failed runs (left out of the figures)",
+                                text.fillna("-").astype(str), failed, 3))
+    return tables
+
+
+def _slug(name: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or "dataset"
+
+
+_TEXT_COLUMNS = frozenset({"io path", "error", "run_id", "host", "mode", "status",
+                           "compression / quality"})
+
+
+def to_markdown(df: pd.DataFrame, labels: int = 0) -> str:
+    """A GitHub Markdown table: labels and text left-aligned, figures right-aligned."""
+    def esc(v: Any) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    cols = [esc(c) for c in df.columns]
+    align = ["---" if i < labels or c in _TEXT_COLUMNS else "---:"
+             for i, c in enumerate(df.columns)]
+    lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(esc(v) for v in row) + " |"
+              for row in df.itertuples(index=False, name=None)]
+    return "\n".join(lines)
+
+
+def _rich_table(t: TextTable) -> Table:
+    text = t.terminal if t.terminal is not None else t.text
+    legend = t.legend + (" (medians here; spreads in the Markdown and the per-figure "
+                         "tables)" if t.terminal is not None else "")
+    table = Table(title=t.title, title_justify="left", caption=legend or None,
+                  caption_justify="left")
+    for i, col in enumerate(text.columns):
+        if i < t.labels:
+            table.add_column(str(col), no_wrap=True)
+        else:
+            table.add_column(str(col), justify="left" if col in _TEXT_COLUMNS else "right")
+    for row in text.itertuples(index=False, name=None):
+        table.add_row(*(Text(str(v)) for v in row))  # Text: errors may hold "[...]"
+    return table
+
+
+
+def _write_table(out_dir: Path, t: TextTable) -> list[Path]:
+    md, csv = out_dir / f"{t.stem}.md", out_dir / f"{t.stem}.csv"
+    legend = f"\n{t.legend}\n" if t.legend else ""
+    md.write_text(f"## {t.title}\n\n{to_markdown(t.text, t.labels)}\n{legend}")
+    t.numbers.to_csv(csv, index=False)
+    return [md, csv]
+
+
+def _write_report_md(path: Path, data: Results, tables: Sequence[TextTable],
+                     charts: Sequence[Path], rec_lines: Sequence[str],
+                     notes: Sequence[str]) -> None:
+    runs = data.runs
+    n_ok = int((runs["status"] == "ok").sum())
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# formatlab report", "",
+        f"Results store `{data.url}`, {n_ok} successful and {len(runs) - n_ok} failed runs, "
+        f"{data.conversions['job_id'].nunique()} conversion jobs; generated {now}.", "",
+        "Cells are the median over repeated runs of a configuration (dataset, loader, format, "
+        "mode, model, world size), with [min–max] where it ran more than once. Data wait = "
+        "time blocked on the next batch / epoch wall time; accelerator utilisation = compute "
+        "/ epoch wall time (MLPerf Storage).", "",
+    ]
+    lines += [f"> note: {n}" for n in notes] + ([""] if notes else [])
+    lines += ["#" + line if line.startswith("#") else line for line in rec_lines]
+    if charts:
+        lines += ["## Charts", ""] + [f"![{p.stem}]({p.name})" for p in charts] + [""]
+    for t in tables:
+        lines += [f"## {t.title}", "", to_markdown(t.text, t.labels), ""]
+        lines += [t.legend, ""] if t.legend else []
+        lines += [f"CSV: [{t.stem}.csv]({t.stem}.csv)", ""]
+    path.write_text("\n".join(lines) + "\n")
