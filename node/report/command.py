@@ -48,7 +48,7 @@ def report(*, results: str, out: str, max_bytes: int | None,
     charts = draw_charts(data.runs, data.conversions, out_dir)
     notes = _notes(data, charts)
     recs = recommend(data.runs, data.conversions, max_bytes)
-    rec_lines = recommendation_text(recs, data.conversions)
+    rec_lines = recommendation_text(recs, data.conversions, data.runs)
     (out_dir / "recommendation.md").write_text("\n".join(rec_lines) + "\n")
     for line in rec_lines:
         console.print(line.replace("**", "").replace("`", ""), markup=False, highlight=False)

@@ -28,7 +28,8 @@ from node.report.tables import (
     summarise,
     summary_tables,
 )
-from node.report.units import _bytes, _cells, _missing
+from node.report.context import DETAIL_LEGEND, SETTINGS_LEGEND, detail_text, settings_text
+from node.report.units import _bytes, _cells, _missing, level_text
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,19 @@ class TextTable:
 
 
 def _figure_text(summary: pd.DataFrame, fig: Figure) -> pd.DataFrame:
-    return _pivot(summary, _cells(summary, fig)).fillna("-").reset_index()
+    table = _pivot(summary, _cells(summary, fig)).fillna("-").reset_index()
+    levels = list(table.columns[:len(_row_levels(summary))])
+    return table.assign(**level_text(table, levels))
 
 
 def _wide_text(part: pd.DataFrame, lead: Sequence[str], figures: Sequence[Figure],
                spread: bool) -> pd.DataFrame:
-    text = part[list(lead)].astype(str).assign(repeats=part["repeats"].astype(str))
+    text = level_text(part, lead).assign(repeats=part["repeats"].astype(str))
     for fig in figures:
         text[fig.short] = _cells(part, fig, spread)
     text["io path"] = part["io_path"].astype(str)
+    if (part["mixes"] != "-").any():
+        text["mixes"] = part["mixes"].astype(str)
     return text.reset_index(drop=True)
 
 
@@ -65,14 +70,50 @@ def _legend(figures: Sequence[Figure]) -> str:
     return "; ".join(f"{f.short} = {f.heading}" for f in figures)
 
 
+_MIXES = ("mixes = recorded settings the cell's runs differ in without being split "
+          "(hosts of the same hardware, epochs, samples per epoch, CPU budget)")
+_CPU_ACCEL = ("on CPU there is no accelerator: accel util is the share of the epoch spent "
+              "in forward/backward/optimiser on the CPU, the rest waiting for data")
+
+
 def build_tables(results: Results) -> list[TextTable]:
     """Every table of the report, in reading order."""
-    runs, conv = results.runs, results.conversions
-    tables: list[TextTable] = []
+    runs = results.runs
+    return [*_settings_tables(runs), *_summary_tables(runs), *_detail_tables(runs),
+            *_comparison_tables(runs), *_bench_tables(runs),
+            *_size_tables(results.conversions), *_failed_tables(runs)]
+
+
+def _settings_tables(runs: pd.DataFrame) -> list[TextTable]:
+    text, numbers = settings_text(runs)
+    if numbers.empty:
+        return []
+    return [TextTable("settings", "Settings of each group of comparable runs", text,
+                      numbers, len(text.columns) - 2, legend=SETTINGS_LEGEND)]
+
+
+def _detail_tables(runs: pd.DataFrame) -> list[TextTable]:
+    tables = []
+    for dataset in sorted(summarise(runs)["dataset"].unique()):
+        text, numbers = detail_text(runs, dataset)
+        tables.append(TextTable(
+            f"detail_{_slug(dataset)}",
+            f"{dataset}: beside throughput (first batch, batch wait, stages, memory kind, "
+            "cold, I/O path)", text, numbers, list(text.columns).index("repeats"),
+            legend=DETAIL_LEGEND))
+    return tables
+
+
+def _summary_tables(runs: pd.DataFrame) -> list[TextTable]:
     train = summarise(runs, "train")
     levels = _row_levels(train)
     numbers = summary_tables(runs)
     legend = _legend(SUMMARY_FIGURES)
+    if (train["device"].astype(str) == "cpu").any():
+        legend += "; " + _CPU_ACCEL
+    if (train["mixes"] != "-").any():
+        legend += "; " + _MIXES
+    tables = []
     for dataset, part in train.groupby("dataset", sort=True):
         part = part.sort_values("throughput_img_s", ascending=False)
         tables.append(TextTable(
@@ -81,45 +122,70 @@ def build_tables(results: Results) -> list[TextTable]:
             numbers[str(dataset)].reset_index(), len(levels),
             terminal=_wide_text(part, levels, SUMMARY_FIGURES, spread=False),
             legend=legend))
-    for column, pivot in comparison_tables(runs).items():
-        fig = _BY_COLUMN[column]
-        tables.append(TextTable(f"comparison_{column}", f"{fig.heading} by dataset",
-                                _figure_text(train, fig), pivot.reset_index(), len(levels)))
-    bench = summarise(runs, "bench")
-    if not bench.empty:
-        bench = bench.sort_values(["dataset", "throughput_img_s"], ascending=[True, False])
-        bench = bench.assign(**{"emulated step": bench["emulated_step_ms"].map(
-            lambda v: "-" if _missing(v) else f"{v:g} ms")})
-        lead = ["dataset", "loader", "format", "emulated step"]
-        tables.append(TextTable(
-            "bench", "Bench runs: the loader alone (no model), fastest first",
-            _wide_text(bench, lead, BENCH_FIGURES, spread=True), bench_table(runs), 3,
-            terminal=_wide_text(bench, lead, BENCH_FIGURES, spread=False),
-            legend=_legend(BENCH_FIGURES).replace(
-                "accelerator utilisation (%)",
-                "accelerator utilisation the loader allows under the emulated step (%)")))
-    sizes = format_size_table(conv)
-    if not sizes.empty:
-        text = pd.DataFrame({
-            "dataset": sizes["dataset"], "format": sizes["format"],
-            "bits": sizes["bits"].map(lambda v: "-" if _missing(v) else str(int(v))),
-            "compression / quality": sizes["compression"].fillna("-").astype(str),
-            "samples": sizes["samples"].map(lambda v: f"{int(v):,}"),
-            "bytes": sizes["bytes"].map(_bytes),
-            "bytes per sample": sizes["bytes_per_sample"].map(
-                lambda v: "-" if _missing(v) else f"{v:,.0f} B"),
-            "ratio to raw": sizes["ratio_to_raw"].map(
-                lambda v: "-" if _missing(v) else f"{v:.3f}"),
-        })
-        tables.append(TextTable("format_sizes",
-                                "Format sizes (latest conversion job, all splits summed)",
-                                text, sizes, 2))
-    failed = failed_runs(runs)
-    if not failed.empty:
-        text = failed[["dataset", "loader", "format", "mode", "run_id", "host", "error"]]
-        tables.append(TextTable("failed_runs", "Failed runs (left out of the figures)",
-                                text.fillna("-").astype(str), failed, 3))
     return tables
+
+
+def _comparison_tables(runs: pd.DataFrame) -> list[TextTable]:
+    train = summarise(runs, "train")
+    levels = _row_levels(train)
+    return [TextTable(f"comparison_{column}", f"{_BY_COLUMN[column].heading} by dataset",
+                      _figure_text(train, _BY_COLUMN[column]), pivot.reset_index(),
+                      len(levels))
+            for column, pivot in comparison_tables(runs).items()]
+
+
+def _bench_tables(runs: pd.DataFrame) -> list[TextTable]:
+    bench = summarise(runs, "bench")
+    if bench.empty:
+        return []
+    bench = bench.sort_values(["dataset", "throughput_img_s"], ascending=[True, False])
+    bench = bench.assign(**{"emulated step": bench["emulated_step_ms"].map(
+        lambda v: "-" if _missing(v) else f"{v:g} ms")})
+    lead = ["dataset", "loader", "format", "emulated step",
+            *(k for k in _row_levels(bench)[2:] if k != "emulated_step_ms")]
+    return [TextTable(
+        "bench", "Bench runs: the loader alone (no model), fastest first",
+        _wide_text(bench, lead, BENCH_FIGURES, spread=True), bench_table(runs), 3,
+        terminal=_wide_text(bench, lead, BENCH_FIGURES, spread=False),
+        legend=_legend(BENCH_FIGURES).replace(
+            "accelerator utilisation (%)",
+            "accelerator utilisation the loader allows under the emulated step (%)"))]
+
+
+def _size_tables(conv: pd.DataFrame) -> list[TextTable]:
+    sizes = format_size_table(conv)
+    if sizes.empty:
+        return []
+    text = pd.DataFrame({
+        "dataset": sizes["dataset"], "format": sizes["format"],
+        "bits": sizes["bits"].map(lambda v: "-" if _missing(v) else str(int(v))),
+        "compression / quality": [
+            "-" if _missing(c) else str(c) + ("" if _missing(ch) else f", {ch}")
+            for c, ch in zip(sizes["compression"], sizes["chroma_subsampling"], strict=True)],
+        "samples": sizes["samples"].map(lambda v: f"{int(v):,}"),
+        "bytes": sizes["bytes"].map(_bytes),
+        "bytes per sample": sizes["bytes_per_sample"].map(
+            lambda v: "-" if _missing(v) else f"{v:,.0f} B"),
+        "ratio to raw": sizes["ratio_to_raw"].map(
+            lambda v: "-" if _missing(v) else f"{v:.3f}"),
+    })
+    legend = "ratio to raw = stored bytes / decoded pixel bytes (not the source files)"
+    if sizes[["psnr_db", "ssim"]].notna().any().any():
+        text["PSNR"] = sizes["psnr_db"].map(lambda v: "-" if _missing(v) else f"{v:.1f} dB")
+        text["SSIM"] = sizes["ssim"].map(lambda v: "-" if _missing(v) else f"{v:.4f}")
+        legend += ("; PSNR / SSIM of the lossy formats against the decoded source "
+                   "(- for lossless)")
+    return [TextTable("format_sizes", "Format sizes (latest conversion job, all splits summed)",
+                      text, sizes, 2, legend=legend)]
+
+
+def _failed_tables(runs: pd.DataFrame) -> list[TextTable]:
+    failed = failed_runs(runs)
+    if failed.empty:
+        return []
+    text = failed[["dataset", "loader", "format", "mode", "run_id", "host", "error"]]
+    return [TextTable("failed_runs", "Failed runs (left out of the figures)",
+                      text.fillna("-").astype(str), failed, 3)]
 
 
 def _slug(name: Any) -> str:

@@ -18,12 +18,11 @@ from typing import Any
 
 import pandas as pd
 
+from node.report.groups import GROUP_KEYS, column, mixes, varying, with_settings
 from shared.results import read_table
 from shared.storage import Store
 
 
-GROUP_KEYS = ["dataset", "loader", "format", "mode", "model", "world_size"]
-_OPTIONAL_LEVELS = ("model", "world_size")  # row labels only when they vary
 
 
 @dataclass(frozen=True)
@@ -61,8 +60,20 @@ FIGURES: tuple[Figure, ...] = (
 DATA_WAIT = Figure("data_wait_fraction", "data wait", "fraction", "data wait")
 ACCEL_UTIL = Figure("accelerator_utilization", "accelerator utilisation", "fraction",
                     "accel util")
-_BY_COLUMN = {f.column: f for f in (*FIGURES, DATA_WAIT, ACCEL_UTIL)}
-_NUMERIC = [*_BY_COLUMN, "emulated_step_ms"]
+# What the best loader benchmarks report beside throughput (absent in older rows).
+LATENCY_FIGURES: tuple[Figure, ...] = (
+    Figure("time_to_first_batch_s", "time to first batch", "seconds", "first batch"),
+    Figure("batch_wait_p50_s", "batch wait p50", "seconds", "wait p50"),
+    Figure("batch_wait_p95_s", "batch wait p95", "seconds", "wait p95"),
+    Figure("batch_wait_p99_s", "batch wait p99", "seconds", "wait p99"),
+    Figure("batch_wait_max_s", "batch wait max", "seconds", "wait max"),
+    Figure("read_time_s", "read time per epoch", "seconds", "read s"),
+    Figure("decode_time_s", "decode time per epoch", "seconds", "decode s"),
+    Figure("h2d_time_s", "host-to-device time per epoch", "seconds", "h2d s"),
+)
+STAGE_COLUMNS = ("read_time_s", "decode_time_s", "h2d_time_s")
+_BY_COLUMN = {f.column: f for f in (*FIGURES, DATA_WAIT, ACCEL_UTIL, *LATENCY_FIGURES)}
+_NUMERIC = [*_BY_COLUMN, "cold_epochs", "val_samples", "samples_per_epoch", "epochs"]
 
 # The wide per-dataset table: the columns in reading order.
 SUMMARY_FIGURES: tuple[Figure, ...] = (
@@ -96,10 +107,23 @@ class Results:
 
 
 def load_results(store: Store) -> Results:
-    """Read ``runs``, ``epochs`` and ``conversions`` (each may be empty)."""
-    return Results(url=store.display_url, runs=read_table(store, "runs"),
-                   epochs=read_table(store, "epochs"),
-                   conversions=read_table(store, "conversions"))
+    """Read ``runs``, ``epochs`` and ``conversions`` (each may be empty).
+
+    ``runs`` gains the per-stage times (read, decode, host-to-device) as each run's
+    mean per epoch, from ``epochs`` where it has them.
+    """
+    runs, epochs = read_table(store, "runs"), read_table(store, "epochs")
+    return Results(url=store.display_url, runs=with_stage_times(runs, epochs),
+                   epochs=epochs, conversions=read_table(store, "conversions"))
+
+
+def with_stage_times(runs: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` plus each run's mean per-epoch ``STAGE_COLUMNS`` (missing: NaN)."""
+    present = [c for c in STAGE_COLUMNS if c in epochs and c not in runs]
+    if not present or epochs.empty:
+        return runs
+    means = epochs.groupby("run_id")[present].mean(numeric_only=False)
+    return runs.join(means.apply(pd.to_numeric, errors="coerce"), on="run_id")
 
 
 # --------------------------------------------------------------------------- runs
@@ -107,43 +131,54 @@ def load_results(store: Store) -> Results:
 
 def _ok_rows(runs: pd.DataFrame) -> pd.DataFrame:
     """Successful rank-0 rows with the grouping keys filled in."""
-    df = runs[runs["status"] == "ok"].copy()
-    df["mode"] = df["mode"].fillna("train")
-    df["model"] = df["model"].fillna("-")
-    df["world_size"] = pd.to_numeric(df["world_size"]).fillna(1).astype("int64")
-    df = df[pd.to_numeric(df["rank"]).fillna(0) == 0]
+    df = runs[runs["status"] == "ok"]
+    df = with_settings(df[pd.to_numeric(df["rank"]).fillna(0) == 0])
     for col in _NUMERIC:
-        df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
+        df[col] = pd.to_numeric(column(df, col), errors="coerce").astype("float64")
     return df
 
 
 def summarise(runs: pd.DataFrame, mode: str | None = None) -> pd.DataFrame:
     """One row per configuration (``GROUP_KEYS``) of successful runs.
 
-    Columns: the keys, ``repeats``, ``io_path`` (the paths seen), and for every figure
-    its median (the column's own name) with ``<column>_min`` and ``<column>_max``.
+    Columns: the keys, ``repeats``, ``hosts`` (how many), ``mixes`` (recorded settings
+    the group's runs differ in, ``groups.MIX_KEYS``; ``-`` for none), ``io_path`` and
+    ``io_evidence`` and ``ram_kind`` (the values seen), ``cold_epochs`` (median epochs
+    verified cold), and for every figure its median (the column's own name) with
+    ``<column>_min`` and ``<column>_max``.
     """
     df = _ok_rows(runs)
     if mode is not None:
         df = df[df["mode"] == mode]
     if df.empty:
-        return pd.DataFrame(columns=[*GROUP_KEYS, "repeats", "io_path", *_NUMERIC,
-                                     *(f"{c}_min" for c in _NUMERIC),
+        return pd.DataFrame(columns=[*GROUP_KEYS, "repeats", "hosts", "mixes", *_LABELS,
+                                     *_NUMERIC, *(f"{c}_min" for c in _NUMERIC),
                                      *(f"{c}_max" for c in _NUMERIC)])
+    for name in _LABELS:
+        df[_LABELS[name]] = column(df, _LABELS[name])
     groups = df.groupby(GROUP_KEYS, dropna=False, sort=True)
     out = groups[_NUMERIC].median()
     out = out.join(groups[_NUMERIC].min().add_suffix("_min"))
     out = out.join(groups[_NUMERIC].max().add_suffix("_max"))
     out["repeats"] = groups.size()
-    out["io_path"] = groups["io_path"].agg(
-        lambda s: "/".join(sorted({str(v) for v in s.dropna()})) or "-")
+    out["hosts"] = groups["host"].nunique()
+    out["mixes"] = groups.apply(mixes, include_groups=False)
+    for name, source in _LABELS.items():
+        out[name] = groups[source].agg(_seen)
     return out.reset_index()
 
 
+# Text columns of a group: the values its runs recorded, joined.
+_LABELS = {"io_path": "io_path", "io_evidence": "io_path_evidence", "ram_kind": "ram_kind"}
+
+
+def _seen(values: pd.Series) -> str:
+    return "/".join(sorted({str(v) for v in values.dropna() if str(v)})) or "-"
+
+
 def _row_levels(summary: pd.DataFrame) -> list[str]:
-    """Row labels: loader and format, plus model / world size where those vary."""
-    return ["loader", "format", *(k for k in _OPTIONAL_LEVELS
-                                  if k in summary and summary[k].nunique() > 1)]
+    """Row labels: loader and format, plus every setting that varies within a dataset."""
+    return ["loader", "format", *varying(summary)]
 
 
 def _pivot(summary: pd.DataFrame, values: pd.Series | str) -> pd.DataFrame:
@@ -171,12 +206,13 @@ def comparison_tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
 def summary_tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """One wide table per dataset of train runs, fastest first.
 
-    Rows indexed by (loader, format[, model, world_size]); columns ``repeats``, the
-    medians of ``SUMMARY_FIGURES`` and ``io_path``.
+    Rows indexed by (loader, format, and every setting that varies in the dataset);
+    columns ``repeats``, the medians of ``SUMMARY_FIGURES``, ``io_path``, ``hosts`` and
+    ``mixes``.
     """
     summary = summarise(runs, "train")
     levels = _row_levels(summary)
-    cols = ["repeats", *(f.column for f in SUMMARY_FIGURES), "io_path"]
+    cols = ["repeats", *(f.column for f in SUMMARY_FIGURES), "io_path", "hosts", "mixes"]
     return {
         str(name): part.set_index(levels)[cols].sort_values("throughput_img_s", ascending=False)
         for name, part in summary.groupby("dataset", sort=True)
@@ -217,9 +253,12 @@ def format_size_table(conversions: pd.DataFrame) -> pd.DataFrame:
 
     Splits are summed: ``bytes`` and ``samples`` are totals, ``bytes_per_sample`` is
     bytes / samples and ``ratio_to_raw`` is bytes over the splits' raw (decoded) bytes.
+    ``psnr_db`` and ``ssim`` (lossy formats, where recorded) are the splits' means
+    weighted by samples; ``chroma_subsampling`` is the codec's, where recorded.
     """
     cols = ["dataset", "format", "bits", "compression", "image_size", "splits", "samples",
-            "bytes", "bytes_per_sample", "ratio_to_raw", "job_id"]
+            "bytes", "bytes_per_sample", "ratio_to_raw", "psnr_db", "ssim",
+            "chroma_subsampling", "job_id"]
     if conversions.empty:
         return pd.DataFrame(columns=cols)
     df = conversions.copy()
@@ -230,6 +269,9 @@ def format_size_table(conversions: pd.DataFrame) -> pd.DataFrame:
     df = df[df["job_id"] == df["_latest"]]
     ratio = pd.to_numeric(df["ratio_to_raw"], errors="coerce")
     df["_raw"] = pd.to_numeric(df["bytes"]) / ratio.where(ratio > 0)
+    for name in ("psnr_db", "ssim"):
+        df[name] = pd.to_numeric(column(df, name), errors="coerce")
+    df["chroma_subsampling"] = column(df, "chroma_subsampling")
     rows = []
     for (dataset, fmt), part in df.groupby(["dataset", "format"], sort=True):
         nbytes = int(part["bytes"].sum())
@@ -241,9 +283,18 @@ def format_size_table(conversions: pd.DataFrame) -> pd.DataFrame:
             "splits": ",".join(sorted(str(s) for s in part["split"])), "samples": samples,
             "bytes": nbytes, "bytes_per_sample": nbytes / samples if samples else math.nan,
             "ratio_to_raw": nbytes / raw if raw and not math.isnan(raw) else math.nan,
+            "psnr_db": _weighted(part, "psnr_db"), "ssim": _weighted(part, "ssim"),
+            "chroma_subsampling": _first(part["chroma_subsampling"]),
             "job_id": part["job_id"].iloc[0]})
     return (pd.DataFrame(rows, columns=cols).sort_values(["dataset", "bytes"])
             .reset_index(drop=True))
+
+
+def _weighted(part: pd.DataFrame, name: str) -> float:
+    """The sample-weighted mean of ``name`` over the rows that have it (NaN: none)."""
+    known = part[part[name].notna()]
+    weights = pd.to_numeric(known["samples"]).astype(float)
+    return float((known[name] * weights).sum() / weights.sum()) if weights.sum() else math.nan
 
 
 def format_bytes(conversions: pd.DataFrame) -> dict[tuple[str, str], int]:

@@ -67,3 +67,15 @@ def _cell(row: pd.Series, fig: Figure, spread: bool = True) -> str:
 
 def _cells(df: pd.DataFrame, fig: Figure, spread: bool = True) -> pd.Series:
     return df.apply(lambda r: _cell(r, fig, spread), axis=1).astype(object)
+
+
+def level_text(df: pd.DataFrame, levels: list[str] | tuple[str, ...]) -> pd.DataFrame:
+    """Row-label columns as text: missing values as ``-``, whole floats without ``.0``."""
+    def one(v: Any) -> str:
+        if _missing(v):
+            return "-"
+        if isinstance(v, float) and v.is_integer():
+            return str(int(v))
+        return str(v)
+
+    return df[list(levels)].map(one)
