@@ -10,15 +10,17 @@ import pandas as pd
 from node.report.tables import _row_levels, format_size_table, primary_summary
 from node.report.units import _missing, _rate
 
-CHART_NAMES = ("throughput.png", "data_wait.png", "format_size.png", "memory.png")
+CHART_NAMES = ("throughput.png", "data_wait.png", "memory.png", "accuracy.png",
+               "format_size.png", "size_vs_throughput.png")
 
 
 def draw_charts(runs: pd.DataFrame, conversions: pd.DataFrame, out: str | Path) -> list[Path]:
     """Write the PNG charts that the data allows; returns their paths.
 
     ``throughput.png``, ``data_wait.png`` and ``memory.png`` need successful runs
-    (train runs, or bench runs for a dataset without any); ``format_size.png`` needs
-    conversions rows.
+    (train runs, or bench runs for a dataset without any); ``accuracy.png`` train runs
+    with a validation accuracy; ``format_size.png`` conversions rows;
+    ``size_vs_throughput.png`` both, for the same formats.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -33,9 +35,18 @@ def draw_charts(runs: pd.DataFrame, conversions: pd.DataFrame, out: str | Path) 
             "time waiting for data (% of epoch)", "Data-wait fraction per loader / format",
             ylim=(0, 100)))
         written.append(_memory_chart(summary, out / "memory.png"))
+        train = summary[summary["mode"] == "train"]
+        if train["val_accuracy"].notna().any():
+            written.append(_bar_chart(
+                train, out / "accuracy.png", "val_accuracy", 100.0,
+                "validation accuracy (%)", "Validation accuracy per loader / format "
+                "(median, min–max)", ylim=(0, 105)))
     sizes = format_size_table(conversions)
     if not sizes.empty:
         written.append(_size_chart(sizes, out / "format_size.png"))
+    if not summary.empty and not sizes.empty:
+        path = _pareto_chart(summary, sizes, out / "size_vs_throughput.png")
+        written += [path] if path else []
     return written
 
 
@@ -90,15 +101,18 @@ def _memory_chart(summary: pd.DataFrame, path: Path) -> Path:
     peak = pd.concat([summary["peak_ram_bytes"], summary["peak_vram_bytes"]]).max()
     unit, div = ("GiB", 2**30) if not _missing(peak) and peak >= 4 * 2**30 else ("MiB", 2**20)
     any_vram = summary["peak_vram_bytes"].notna().any()
+    kinds = sorted({k for k in summary["ram_kind"] if k != "-"})
+    kind = "/".join(k.upper() for k in kinds) if kinds else "PSS or RSS, kind not recorded"
     width = 0.4 if any_vram else 0.6
     fig = _figure(len(datasets), widest)
     axes = fig.subplots(len(datasets), 1, squeeze=False)[:, 0]
     for ax, dataset in zip(axes, datasets, strict=True):
-        part = summary[summary["dataset"] == dataset].sort_values(["loader", "format"])
+        part = summary[summary["dataset"] == dataset].sort_values(
+            ["peak_ram_bytes", "loader", "format"], ascending=[False, True, True])
         x = list(range(len(part)))
         shift = width / 2 if any_vram else 0.0
         ax.bar([i - shift for i in x], part["peak_ram_bytes"].fillna(0) / div, width=width,
-               label="peak RAM (process tree, PSS)", color="#4878a8")
+               label=f"peak RAM (process tree, {kind})", color="#4878a8")
         if any_vram:
             vram = part["peak_vram_bytes"] / div
             ax.bar([i + shift for i in x], vram.fillna(0), width=width,
@@ -120,6 +134,10 @@ def _memory_chart(summary: pd.DataFrame, path: Path) -> Path:
 def _size_chart(sizes: pd.DataFrame, path: Path) -> Path:
     datasets = sorted(sizes["dataset"].unique())
     widest = int(sizes.groupby("dataset").size().max())
+    positive = sizes["bytes_per_sample"].astype(float)
+    positive = positive[positive > 0]
+    # One scale type for every panel: log where the sizes span more than a decade or so.
+    log = bool(len(positive)) and positive.max() / positive.min() > 20
     fig = _figure(len(datasets), widest)
     axes = fig.subplots(len(datasets), 1, squeeze=False)[:, 0]
     for ax, dataset in zip(axes, datasets, strict=True):
@@ -129,13 +147,61 @@ def _size_chart(sizes: pd.DataFrame, path: Path) -> Path:
         bars = ax.bar(x, values, color="#6a9f58")
         ax.bar_label(bars, labels=[f"×{r:.2f}" if not _missing(r) else ""
                                    for r in part["ratio_to_raw"]], fontsize=7, padding=2)
-        positive = values[values > 0]
-        if len(positive) and positive.max() / positive.min() > 20:
+        if log:
             ax.set_yscale("log")
         ax.set_xticks(x, list(part["format"]), rotation=35, ha="right", fontsize=8)
-        ax.set_ylabel("bytes per sample (B)")
+        ax.set_ylabel("bytes per sample (B" + (", log scale)" if log else ")"))
         ax.set_title(f"{dataset} (labels: ratio to raw pixels)")
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("Stored size per format")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (size, throughput) points no other beats on both, smallest first.
+
+    A point is on the front when every smaller (or equal) point is slower.
+    """
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, fastest = [], float("-inf")
+    for i in order:
+        if points[i][1] > fastest:
+            front.append(i)
+            fastest = points[i][1]
+    return front
+
+
+def _pareto_chart(summary: pd.DataFrame, sizes: pd.DataFrame, path: Path) -> Path | None:
+    """Throughput against total bytes on disk, per dataset, with the Pareto front."""
+    data = summary.merge(sizes[["dataset", "format", "bytes"]], on=["dataset", "format"])
+    data = data.dropna(subset=["throughput_img_s", "bytes"])
+    if data.empty:
+        return None
+    datasets = sorted(data["dataset"].unique())
+    fig = _figure(len(datasets), 10)
+    axes = fig.subplots(len(datasets), 1, squeeze=False)[:, 0]
+    for ax, dataset in zip(axes, datasets, strict=True):
+        part = data[data["dataset"] == dataset].reset_index(drop=True)
+        points = list(zip(part["bytes"].astype(float) / 2**20,
+                          part["throughput_img_s"].astype(float), strict=True))
+        front = pareto_front(points)
+        ax.scatter([p[0] for p in points], [p[1] for p in points], color="#9aa5b1",
+                   label="measured (median)", zorder=2)
+        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "o-",
+                color="#c0392b", label="Pareto front (no option smaller and faster)",
+                zorder=3)
+        for (x, y), label in zip(points, _labels(part), strict=True):
+            ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        sizes_mib = [p[0] for p in points]
+        log = min(sizes_mib) > 0 and max(sizes_mib) / min(sizes_mib) > 20
+        if log:  # the same rule as format_size.png
+            ax.set_xscale("log")
+        ax.set_xlabel("size on disk, all splits (MiB" + (", log scale)" if log else ")"))
+        ax.set_ylabel("throughput (img/s)")
+        ax.set_title(_panel_title(dataset, part))
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Size on disk against throughput")
     fig.savefig(path, dpi=110)
     return path

@@ -11,7 +11,14 @@ from rich.console import Console
 from node.errors import UsageError
 from node.report.charts import CHART_NAMES, draw_charts
 from node.report.recommendation import recommend, recommendation_text
-from node.report.rendering import _rich_table, _write_report_md, _write_table, build_tables
+from node.report.html import write_html
+from node.report.rendering import (
+    _rich_table,
+    _write_report_md,
+    _write_table,
+    build_tables,
+    report_intro,
+)
 from node.report.tables import Results, load_results, summarise
 from shared.storage import BadStorageOptions, Store, StorageError, parse_storage_options
 
@@ -56,8 +63,12 @@ def report(*, results: str, out: str, max_bytes: int | None,
         console.print(f"note: {note}", markup=False, highlight=False)
 
     _write_report_md(out_dir / "report.md", data, tables, charts, rec_lines, notes)
+    write_html(out_dir / "report.html", intro=report_intro(data), notes=notes,
+               rec_lines=rec_lines, charts=charts, tables=tables)
     where = out_dir.resolve()
     console.print(f"\nreport: {where / 'report.md'}", markup=False, highlight=False)
+    console.print(f"report to share (one file): {where / 'report.html'}", markup=False,
+                  highlight=False)
     console.print(f"recommendation: {where / 'recommendation.md'}", markup=False,
                   highlight=False)
     console.print(f"tables: {len(written)} files (.md, .csv) in {where}", markup=False,

@@ -201,8 +201,8 @@ def _tradeoff_lines(options: list[Mapping[str, Any]]) -> list[str]:
     """Among options speed does not separate: smallest on disk, lowest CPU, best accuracy."""
     def best_by(key: str, text: Any, highest: bool) -> str | None:
         known = [o for o in options if o.get(key) is not None]
-        if len(known) < 2:
-            return None
+        if len(known) < 2 or len({o[key] for o in known}) == 1:
+            return None  # nothing to choose between
         pick = (max if highest else min)(known, key=lambda o: o[key])
         return f"{_name(pick)} ({text(pick[key])})"
 

@@ -193,7 +193,8 @@ def _slug(name: Any) -> str:
 
 
 _TEXT_COLUMNS = frozenset({"io path", "error", "run_id", "host", "mode", "status",
-                           "compression / quality"})
+                           "compression / quality", "mixes", "evidence", "RAM kind",
+                           "cold/warm", "hosts", "hardware", "GPU", "device", "model"})
 
 
 def to_markdown(df: pd.DataFrame, labels: int = 0) -> str:
@@ -235,21 +236,27 @@ def _write_table(out_dir: Path, t: TextTable) -> list[Path]:
     return [md, csv]
 
 
-def _write_report_md(path: Path, data: Results, tables: Sequence[TextTable],
-                     charts: Sequence[Path], rec_lines: Sequence[str],
-                     notes: Sequence[str]) -> None:
+def report_intro(data: Results) -> list[str]:
+    """The report's opening paragraphs (Markdown): the store and how to read a cell."""
     runs = data.runs
     n_ok = int((runs["status"] == "ok").sum())
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [
-        "# formatlab report", "",
+    return [
         f"Results store `{data.url}`, {n_ok} successful and {len(runs) - n_ok} failed runs, "
         f"{data.conversions['job_id'].nunique()} conversion jobs; generated {now}.", "",
-        "Cells are the median over repeated runs of a configuration (dataset, loader, format, "
-        "mode, model, world size), with [min–max] where it ran more than once. Data wait = "
+        "Cells are the median over repeated runs of a configuration (dataset, loader, format "
+        "and every setting that changes a figure: hardware, GPU, device, model, batch size, "
+        "workers, cold/warm, mode, emulated step, image size; see the settings table), with "
+        "[min–max] where it ran more than once and the run count in `repeats`. Data wait = "
         "time blocked on the next batch / epoch wall time; accelerator utilisation = compute "
-        "/ epoch wall time (MLPerf Storage).", "",
+        "/ epoch wall time (MLPerf Storage); on CPU it is the CPU's compute share.", "",
     ]
+
+
+def _write_report_md(path: Path, data: Results, tables: Sequence[TextTable],
+                     charts: Sequence[Path], rec_lines: Sequence[str],
+                     notes: Sequence[str]) -> None:
+    lines = ["# formatlab report", "", *report_intro(data)]
     lines += [f"> note: {n}" for n in notes] + ([""] if notes else [])
     lines += ["#" + line if line.startswith("#") else line for line in rec_lines]
     if charts:
