@@ -134,10 +134,7 @@ def _memory_chart(summary: pd.DataFrame, path: Path) -> Path:
 def _size_chart(sizes: pd.DataFrame, path: Path) -> Path:
     datasets = sorted(sizes["dataset"].unique())
     widest = int(sizes.groupby("dataset").size().max())
-    positive = sizes["bytes_per_sample"].astype(float)
-    positive = positive[positive > 0]
-    # One scale type for every panel: log where the sizes span more than a decade or so.
-    log = bool(len(positive)) and positive.max() / positive.min() > 20
+    log = spans_decades(sizes["bytes_per_sample"])  # one scale type for every panel
     fig = _figure(len(datasets), widest)
     axes = fig.subplots(len(datasets), 1, squeeze=False)[:, 0]
     for ax, dataset in zip(axes, datasets, strict=True):
@@ -156,6 +153,13 @@ def _size_chart(sizes: pd.DataFrame, path: Path) -> Path:
     fig.suptitle("Stored size per format")
     fig.savefig(path, dpi=110)
     return path
+
+
+def spans_decades(values: pd.Series) -> bool:
+    """Whether positive ``values`` span more than 20x: then a log axis, else linear."""
+    positive = pd.to_numeric(values, errors="coerce").astype(float)
+    positive = positive[positive > 0]
+    return bool(len(positive)) and positive.max() / positive.min() > 20
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -193,8 +197,7 @@ def _pareto_chart(summary: pd.DataFrame, sizes: pd.DataFrame, path: Path) -> Pat
                 zorder=3)
         for (x, y), label in zip(points, _labels(part), strict=True):
             ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        sizes_mib = [p[0] for p in points]
-        log = min(sizes_mib) > 0 and max(sizes_mib) / min(sizes_mib) > 20
+        log = spans_decades(pd.Series([p[0] for p in points]))
         if log:  # the same rule as format_size.png
             ax.set_xscale("log")
         ax.set_xlabel("size on disk, all splits (MiB" + (", log scale)" if log else ")"))

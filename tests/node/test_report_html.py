@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 
 from node.report import report
-from node.report.charts import CHART_NAMES, pareto_front
-from shared.results import write_rows
+from node.report.charts import CHART_NAMES, draw_charts, pareto_front
+from shared.results import TABLES, write_rows
 from shared.storage import Store
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -71,6 +71,33 @@ def _chromium(*args: str) -> subprocess.CompletedProcess[str]:
 def test_pareto_front_keeps_only_undominated_points() -> None:
     points = [(10.0, 100.0), (5.0, 50.0), (20.0, 90.0), (30.0, 300.0), (5.0, 40.0)]
     assert pareto_front(points) == [1, 0, 3]
+
+
+def test_format_size_panels_share_one_scale_type(tmp_path: Path) -> None:
+    """One dataset spans decades (npy vs jpeg-q10), the other not: both panels are log."""
+    t0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    rows = [{"job_id": "j", "finished_at": t0, "dataset": ds, "format": fmt, "split": "train",
+             "samples": 10, "bytes": per * 10, "bytes_per_sample": float(per),
+             "ratio_to_raw": per / 3_072, "bits": 8, "compression": fmt, "image_size": 32}
+            for ds, fmt, per in (("a", "npy", 3_072), ("a", "jpeg-q10", 60),
+                                 ("b", "npy", 3_072), ("b", "png", 2_500))]
+    import matplotlib.axes
+
+    scales = []
+    original = matplotlib.axes.Axes.set_yscale
+
+    def record(self: matplotlib.axes.Axes, value: str, **kw: object) -> None:
+        scales.append(value)
+        original(self, value, **kw)
+
+    matplotlib.axes.Axes.set_yscale = record  # type: ignore[method-assign]
+    try:
+        no_runs = TABLES["runs"].empty_table().to_pandas()
+        written = draw_charts(no_runs, pd.DataFrame(rows), tmp_path)
+    finally:
+        matplotlib.axes.Axes.set_yscale = original  # type: ignore[method-assign]
+    assert [p.name for p in written] == ["format_size.png"]
+    assert scales == ["log", "log"]
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium cannot be installed here: no chromium "
