@@ -98,6 +98,11 @@ def test_cells_that_mix_hosts_say_so(tmp_path: Path) -> None:
         _row("a0", host="node-1", rate=1_000, **new), _row("a1", host="node-2", rate=1_010,
                                                           **new),
         _row("a2", host="node-1", rate=990, epochs=3, **new)])
+    (tmp_path / "res" / "epochs").mkdir()
+    pd.DataFrame([{"run_id": f"a{i}", "epoch": e, "read_time_s": 0.5 + 0.2 * e,
+                   "decode_time_s": 1.0, "h2d_time_s": None}
+                  for i in range(3) for e in range(2)]).to_parquet(
+        tmp_path / "res" / "epochs" / "new.parquet")  # per-stage times, per epoch
     summary = summarise(load_results(store).runs, "train")
     assert len(summary) == 2
     shared = summary[summary["hardware"] == "hw-abc"].iloc[0]
@@ -112,6 +117,7 @@ def test_cells_that_mix_hosts_say_so(tmp_path: Path) -> None:
     detail = (out / "detail_alpha.md").read_text()
     assert "| 0.250 s |" in detail and "CPU loader: POSIX reads" in detail
     assert "| pss | warm | 0 of 2 |" in detail
+    assert "| 0.600 s | 1.00 s | - |" in detail  # read, decode (mean per epoch), no h2d
 
 
 def _options(store: Store, spec: dict[tuple[str, str], tuple[list[float], float]]) -> None:
