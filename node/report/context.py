@@ -14,7 +14,14 @@ from typing import Any
 import pandas as pd
 
 from node.report.groups import settings_table
-from node.report.tables import _BY_COLUMN, LATENCY_FIGURES, _ok_rows, _row_levels, summarise
+from node.report.tables import (
+    _BY_COLUMN,
+    LATENCY_FIGURES,
+    MEMORY_FIGURES,
+    _ok_rows,
+    _row_levels,
+    summarise,
+)
 from node.report.units import _cells, _missing, level_text
 
 _SETTINGS_TEXT = {
@@ -34,7 +41,9 @@ DETAIL_LEGEND = (
     "first batch = time to the first batch of the first epoch; wait pNN = percentile of the "
     "per-step wait for the next batch over all steps; read / decode / h2d = per-stage time "
     "per epoch where the loader tells them apart; RAM kind = pss (shared pages counted once) "
-    "or rss; cold epochs = epochs whose storage reads verified them cold; io path = how bytes "
+    "or rss; RAM anon / RAM file = anonymous memory / file-backed pages (a mapped dataset) "
+    "at the peak; VRAM kind = process (NVML, per process) or device; cold epochs = epochs "
+    "whose storage reads verified them cold; io path = how bytes "
     "reached the device (gds only with evidence), evidence = why")
 
 
@@ -58,13 +67,17 @@ def detail_text(runs: pd.DataFrame, dataset: str) -> tuple[pd.DataFrame, pd.Data
     for fig in LATENCY_FIGURES:
         text[fig.short] = _cells(summary, fig, spread=True)
     text["RAM kind"] = summary["ram_kind"].astype(str)
+    for fig in MEMORY_FIGURES:
+        text[fig.short] = _cells(summary, fig, spread=False)
+    text["VRAM kind"] = summary["vram_kind"].astype(str)
     text["cold/warm"] = summary["cold"].astype(str)
     text["cold epochs"] = [_cold_epochs(c, e) for c, e in zip(
         summary["cold_epochs"], summary["epochs"], strict=True)]
     text["io path"] = summary["io_path"].astype(str)
     text["evidence"] = summary["io_evidence"].astype(str)
     cols = [*levels, "repeats", "throughput_img_s", *(f.column for f in LATENCY_FIGURES),
-            "ram_kind", "cold", "cold_epochs", "io_path", "io_evidence"]
+            "ram_kind", *(f.column for f in MEMORY_FIGURES), "vram_kind", "cold",
+            "cold_epochs", "io_path", "io_evidence"]
     return text.reset_index(drop=True), summary[cols].reset_index(drop=True)
 
 

@@ -71,8 +71,14 @@ LATENCY_FIGURES: tuple[Figure, ...] = (
     Figure("decode_time_s", "decode time per epoch", "seconds", "decode s"),
     Figure("h2d_time_s", "host-to-device time per epoch", "seconds", "h2d s"),
 )
+# Peak RAM split into anonymous memory and file-backed (mapped dataset) pages.
+MEMORY_FIGURES: tuple[Figure, ...] = (
+    Figure("peak_ram_anon_bytes", "peak RAM, anonymous", "bytes", "RAM anon"),
+    Figure("peak_ram_file_bytes", "peak RAM, file-backed pages", "bytes", "RAM file"),
+)
 STAGE_COLUMNS = ("read_time_s", "decode_time_s", "h2d_time_s")
-_BY_COLUMN = {f.column: f for f in (*FIGURES, DATA_WAIT, ACCEL_UTIL, *LATENCY_FIGURES)}
+_BY_COLUMN = {f.column: f for f in (*FIGURES, DATA_WAIT, ACCEL_UTIL, *LATENCY_FIGURES,
+                                    *MEMORY_FIGURES)}
 _NUMERIC = [*_BY_COLUMN, "cold_epochs", "val_samples", "samples_per_epoch", "epochs"]
 
 # The wide per-dataset table: the columns in reading order.
@@ -169,7 +175,8 @@ def summarise(runs: pd.DataFrame, mode: str | None = None) -> pd.DataFrame:
 
 
 # Text columns of a group: the values its runs recorded, joined.
-_LABELS = {"io_path": "io_path", "io_evidence": "io_path_evidence", "ram_kind": "ram_kind"}
+_LABELS = {"io_path": "io_path", "io_evidence": "io_path_evidence", "ram_kind": "ram_kind",
+           "vram_kind": "vram_kind"}
 
 
 def _seen(values: pd.Series) -> str:

@@ -93,7 +93,8 @@ def test_cells_that_mix_hosts_say_so(tmp_path: Path) -> None:
     new = {"hardware_id": "hw-abc", "ram_kind": "pss", "cold_requested": False,
            "time_to_first_batch_s": 0.25, "batch_wait_p50_s": 0.001,
            "batch_wait_p95_s": 0.004, "batch_wait_p99_s": 0.009, "batch_wait_max_s": 0.02,
-           "io_path_evidence": "CPU loader: POSIX reads", "cold_epochs": 0, "cpu_budget": 2}
+           "io_path_evidence": "CPU loader: POSIX reads", "cold_epochs": 0, "cpu_budget": 2,
+           "peak_ram_anon_bytes": 100 * 2**20, "peak_ram_file_bytes": 50 * 2**20}
     _write_new(tmp_path / "res", [
         _row("a0", host="node-1", rate=1_000, **new), _row("a1", host="node-2", rate=1_010,
                                                           **new),
@@ -116,7 +117,7 @@ def test_cells_that_mix_hosts_say_so(tmp_path: Path) -> None:
     assert "hosts node-1, node-2; epochs 2, 3" in md
     detail = (out / "detail_alpha.md").read_text()
     assert "| 0.250 s |" in detail and "CPU loader: POSIX reads" in detail
-    assert "| pss | warm | 0 of 2 |" in detail
+    assert "| pss | 100.0 MiB | 50.0 MiB | - | warm | 0 of 2 |" in detail
     assert "| 0.600 s | 1.00 s | - |" in detail  # read, decode (mean per epoch), no h2d
 
 
