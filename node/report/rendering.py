@@ -47,6 +47,7 @@ class TextTable:
     labels: int
     terminal: pd.DataFrame | None = None
     legend: str = ""
+    terminal_note: str = "medians here; spreads in the Markdown and the per-figure tables"
 
 
 def _figure_text(summary: pd.DataFrame, fig: Figure) -> pd.DataFrame:
@@ -89,7 +90,16 @@ def _settings_tables(runs: pd.DataFrame) -> list[TextTable]:
     if numbers.empty:
         return []
     return [TextTable("settings", "Settings of each group of comparable runs", text,
-                      numbers, len(text.columns) - 2, legend=SETTINGS_LEGEND)]
+                      numbers, len(text.columns) - 2, terminal=_known_columns(text),
+                      legend=SETTINGS_LEGEND, terminal_note=_KNOWN_NOTE)]
+
+
+_KNOWN_NOTE = "columns with no value in any row left out here; all are in the Markdown"
+
+
+def _known_columns(text: pd.DataFrame) -> pd.DataFrame:
+    """For the terminal: without the columns no row has a value in."""
+    return text[[c for c in text.columns if (text[c] != "-").any()]]
 
 
 def _detail_tables(runs: pd.DataFrame) -> list[TextTable]:
@@ -100,7 +110,7 @@ def _detail_tables(runs: pd.DataFrame) -> list[TextTable]:
             f"detail_{_slug(dataset)}",
             f"{dataset}: beside throughput (first batch, batch wait, stages, memory kind, "
             "cold, I/O path)", text, numbers, list(text.columns).index("repeats"),
-            legend=DETAIL_LEGEND))
+            terminal=_known_columns(text), legend=DETAIL_LEGEND, terminal_note=_KNOWN_NOTE))
     return tables
 
 
@@ -214,8 +224,7 @@ def to_markdown(df: pd.DataFrame, labels: int = 0) -> str:
 
 def _rich_table(t: TextTable) -> Table:
     text = t.terminal if t.terminal is not None else t.text
-    legend = t.legend + (" (medians here; spreads in the Markdown and the per-figure "
-                         "tables)" if t.terminal is not None else "")
+    legend = t.legend + (f" ({t.terminal_note})" if t.terminal is not None else "")
     table = Table(title=t.title, title_justify="left", caption=legend or None,
                   caption_justify="left")
     for i, col in enumerate(text.columns):
