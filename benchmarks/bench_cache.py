@@ -12,7 +12,9 @@ temporary folder, then times, interleaved and best of several rounds:
 first from the local store, then from a loopback S3 server (``rclone serve s3``, as the
 tests use) serving the same folder. Prints one line per store:
 
-    cache fill vs bare fsspec copy: X MB/s vs Y MB/s, ratio R (limit >= 0.8)
+    check: cache fill vs bare fsspec copy [local] | ratio R | limit >= 0.8 | ok | X vs Y MB/s
+
+and exits 1 when a ratio misses its limit.
 
     python benchmarks/bench_cache.py [--files 20000] [--rounds 3] [--s3-rounds N] [--no-s3]
                                      [--dir /dev/shm]
@@ -34,6 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from limits import Check, finish  # noqa: E402 - benchmarks/ is the script's folder
 from node.cache import ShardCache, assign  # noqa: E402
 from shared.formats import get_format  # noqa: E402
 from shared.manifest import INDEX_FILE, FormatEntry, Manifest, SplitEntry  # noqa: E402
@@ -112,7 +115,7 @@ def drop(path: Path) -> None:
 
 
 def compare(label: str, store: Store, manifest: Manifest, rels: list[str], work: Path,
-            rounds: int, concurrency: int) -> float:
+            rounds: int, concurrency: int) -> Check:
     best_cache = best_bare = float("inf")
     size = 0
     for r in range(rounds):
@@ -129,12 +132,10 @@ def compare(label: str, store: Store, manifest: Manifest, rels: list[str], work:
             drop(dest)
     assert size == bare_size, (size, bare_size)
     mb = size / 1e6
-    ratio = best_bare / best_cache
     print(f"[{label}] {len(rels):,} files, {mb:.1f} MB; cache {best_cache:.2f} s, "
-          f"bare {best_bare:.2f} s")
-    print(f"[{label}] cache fill vs bare fsspec copy: {mb / best_cache:.1f} MB/s vs "
-          f"{mb / best_bare:.1f} MB/s, ratio {ratio:.2f} (limit >= {LIMIT})", flush=True)
-    return ratio
+          f"bare {best_bare:.2f} s", flush=True)
+    return Check(f"cache fill vs bare fsspec copy [{label}]", best_bare / best_cache, LIMIT,
+                 ">=", f"{mb / best_cache:.1f} MB/s vs {mb / best_bare:.1f} MB/s")
 
 
 def start_s3(root: Path):  # noqa: ANN201 - the tests' S3Server
@@ -164,7 +165,7 @@ def main() -> int:
 
     os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
     os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
-    ratios = {}
+    checks = []
     with tempfile.TemporaryDirectory(prefix="bench-cache-", dir=args.dir) as tmp:
         tmp_path = Path(tmp)
         store_root = tmp_path / "s3" / "bucket"
@@ -173,20 +174,17 @@ def main() -> int:
         rels = shard_files(store_root, manifest)
         print(f"built {len(rels):,} files in {time.perf_counter() - t0:.1f} s")
         work = tmp_path / "work"
-        ratios["local"] = compare("local", Store.open(str(store_root)), manifest, rels, work,
-                                  args.rounds, args.concurrency)
+        checks.append(compare("local", Store.open(str(store_root)), manifest, rels, work,
+                              args.rounds, args.concurrency))
         if not args.no_s3:
             server = start_s3(tmp_path / "s3")
             try:
                 store = Store.open("s3://bucket", server.storage_options)
-                ratios["s3"] = compare("s3", store, manifest, rels, work,
-                                       args.s3_rounds or args.rounds, args.concurrency)
+                checks.append(compare("s3", store, manifest, rels, work,
+                                      args.s3_rounds or args.rounds, args.concurrency))
             finally:
                 server.stop()
-    worst = min(ratios.values())
-    print(f"cache fill vs bare fsspec copy, worst ratio {worst:.2f} (limit >= {LIMIT}): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
-    return 0 if worst >= LIMIT else 1
+    return finish(checks)
 
 
 if __name__ == "__main__":

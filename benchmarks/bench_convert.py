@@ -15,8 +15,9 @@
   printed: the speed-up net of the fixed cost (joining, worker start-up, listing,
   manifest), measured by re-running the same command once every shard is committed.
 
-Each is best of a few interleaved rounds; each prints one line
-``<name>: measured vs baseline, ratio R (limit ...)``.
+Each is best of a few interleaved rounds; each prints one ``check:`` line (ratio,
+limit, verdict, what was measured; see ``limits.py``), and the script exits 1 when a
+ratio misses its limit.
 
     python benchmarks/bench_convert.py [--only decode|draft|ray]
 """
@@ -42,6 +43,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from limits import Check, finish  # noqa: E402 - benchmarks/ is the script's folder
 from prep import datagen  # noqa: E402
 from prep.convert import main as convert_main  # noqa: E402
 from prep.plan import plan_shards  # noqa: E402
@@ -73,14 +75,10 @@ def _quiet_convert(argv: list[str]) -> None:
         raise SystemExit(f"conversion failed ({code}):\n{out.getvalue()[-2000:]}")
 
 
-def _verdict(ok: bool) -> str:
-    return "ok" if ok else "OVER LIMIT"
-
-
 # --------------------------------------------------------------------------- decode once
 
 
-def bench_decode(tmp: Path, images: int, side: int, size: int, rounds: int) -> float:
+def bench_decode(tmp: Path, images: int, side: int, size: int, rounds: int) -> Check:
     classes = 4
     made = datagen.make_image_folder(tmp / "raw", classes=classes, per_class=images // classes,
                                      size=(side, side * 3 // 4), odd_files=False, seed=0)
@@ -131,19 +129,16 @@ def bench_decode(tmp: Path, images: int, side: int, size: int, rounds: int) -> f
         enc = sum(_best(encode_alone(fid), 1) for fid in CATALOG)
         if dec + enc < baseline:
             baseline, t_decode, t_encode = dec + enc, dec, enc
-    ratio = t_all / baseline
-    print(f"decode once, encode many ({images} images ~{side}x{side * 3 // 4} -> {size}, "
-          f"{len(CATALOG)} formats): one pass {t_all:.2f} s vs decode {t_decode:.2f} s + "
-          f"encodes alone {t_encode:.2f} s = {baseline:.2f} s, "
-          f"ratio {ratio:.2f} (limit <= {DECODE_LIMIT}) {_verdict(ratio <= DECODE_LIMIT)}",
-          flush=True)
-    return ratio
+    return Check("decode once, encode many", t_all / baseline, DECODE_LIMIT, "<=",
+                 f"{images} images ~{side}x{side * 3 // 4} -> {size}, {len(CATALOG)} formats: "
+                 f"one pass {t_all:.2f} s vs decode {t_decode:.2f} s + encodes alone "
+                 f"{t_encode:.2f} s = {baseline:.2f} s")
 
 
 # --------------------------------------------------------------------------- draft mode
 
 
-def bench_draft(images: int, size: int, rounds: int) -> float:
+def bench_draft(images: int, size: int, rounds: int) -> Check:
     rng = np.random.default_rng(0)
     payloads = []
     for label in range(images):
@@ -163,12 +158,9 @@ def bench_draft(images: int, size: int, rounds: int) -> float:
     for _ in range(rounds):
         t_full = min(t_full, _best(run(False), 1))
         t_draft = min(t_draft, _best(run(True), 1))
-    ratio = t_full / t_draft
-    print(f"draft-mode decode ({images} JPEGs 4000x3000 -> {size}): draft "
-          f"{t_draft / images * 1000:.0f} ms/image vs full decode {t_full / images * 1000:.0f} "
-          f"ms/image, speed-up {ratio:.2f} (limit >= {DRAFT_LIMIT}) "
-          f"{_verdict(ratio >= DRAFT_LIMIT)}", flush=True)
-    return ratio
+    return Check("draft-mode decode speed-up", t_full / t_draft, DRAFT_LIMIT, ">=",
+                 f"{images} JPEGs 4000x3000 -> {size}: draft {t_draft / images * 1000:.0f} "
+                 f"ms/image vs full decode {t_full / images * 1000:.0f} ms/image")
 
 
 # --------------------------------------------------------------------------- Ray scaling
@@ -248,7 +240,7 @@ def _ray_conversion(head: RayHead, src: str, dst: Path, results: Path, size: int
     return wall
 
 
-def bench_ray(tmp: Path, images: int, size: int, shard_samples: int, rounds: int) -> float:
+def bench_ray(tmp: Path, images: int, size: int, shard_samples: int, rounds: int) -> Check:
     classes = 4
     made = datagen.make_image_folder(tmp / "raw-ray", classes=classes,
                                      per_class=images // classes, size=(640, 480),
@@ -281,19 +273,18 @@ def bench_ray(tmp: Path, images: int, size: int, shard_samples: int, rounds: int
     ratio = best[1] / best[2]
     net = (best[1] - fixed[1]) / max(best[2] - fixed[2], 1e-9)
     shards = -(-images // shard_samples)
-    print(f"ray scaling ({images} images 640x480 -> {size}, ~{shards} shards, {formats}): "
-          f"2 CPUs {best[2]:.2f} s vs 1 CPU {best[1]:.2f} s, speed-up {ratio:.2f} "
-          f"(limit >= {RAY_LIMIT}) {_verdict(ratio >= RAY_LIMIT)}; net of the fixed cost "
-          f"(re-run with all shards committed: {fixed[2]:.2f} s / {fixed[1]:.2f} s) "
-          f"speed-up {net:.2f}; load average {load_before:.1f} before, "
-          f"{os.getloadavg()[0]:.1f} after, on {os.cpu_count()} CPUs", flush=True)
-    return ratio
+    return Check("ray scaling speed-up", ratio, RAY_LIMIT, ">=",
+                 f"{images} images 640x480 -> {size}, ~{shards} shards, {formats}: 2 CPUs "
+                 f"{best[2]:.2f} s vs 1 CPU {best[1]:.2f} s; net of the fixed cost (re-run "
+                 f"with all shards committed: {fixed[2]:.2f} s / {fixed[1]:.2f} s) speed-up "
+                 f"{net:.2f}; load average {load_before:.1f} before, "
+                 f"{os.getloadavg()[0]:.1f} after, on {os.cpu_count()} CPUs")
 
 
 # --------------------------------------------------------------------------- main
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("decode", "draft", "ray"),
                         help="run one benchmark (default: all three)")
@@ -309,14 +300,16 @@ def main() -> None:
                         help="ray: images in the generated folder")
     args = parser.parse_args()
 
+    checks = []
     with tempfile.TemporaryDirectory(prefix="bench-convert-") as tmp:
         if args.only in (None, "decode"):
-            bench_decode(Path(tmp), args.images, 256, 128, args.rounds)
+            checks.append(bench_decode(Path(tmp), args.images, 256, 128, args.rounds))
         if args.only in (None, "draft"):
-            bench_draft(args.draft_images, 512, args.rounds)
+            checks.append(bench_draft(args.draft_images, 512, args.rounds))
         if args.only in (None, "ray"):
-            bench_ray(Path(tmp), args.ray_images, 256, 16, args.ray_rounds)
+            checks.append(bench_ray(Path(tmp), args.ray_images, 256, 16, args.ray_rounds))
+    return finish(checks)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from limits import Check, finish  # noqa: E402 - benchmarks/ is the script's folder
 from node.loaders.base import LoaderConfig, ShardSlice, epoch_batches  # noqa: E402
 from node.loaders.numpy_mmap import NumpyMmapLoader  # noqa: E402
 from shared.formats import get_format  # noqa: E402
@@ -68,7 +69,7 @@ def loader_epoch(loader: NumpyMmapLoader, epoch: int) -> int:
     return sum(len(batch.positions) for batch in loader.epoch(epoch))
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=50_000)
     parser.add_argument("--shard-samples", type=int, default=21_845,
@@ -112,10 +113,9 @@ def main() -> None:
 
     total = args.samples * args.epochs
     bare_rate, loader_rate = total / best["bare"], total / best["loader"]
-    ratio = loader_rate / bare_rate
-    print(f"numpy_mmap vs bare numpy gather: {loader_rate:,.0f} img/s vs {bare_rate:,.0f} img/s, "
-          f"ratio {ratio:.2f} (limit >= {LIMIT})")
+    return finish([Check("numpy_mmap vs bare numpy gather", loader_rate / bare_rate, LIMIT,
+                         ">=", f"{loader_rate:,.0f} img/s vs {bare_rate:,.0f} img/s")])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
