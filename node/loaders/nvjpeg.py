@@ -72,7 +72,7 @@ class NvjpegLoader(WorkerLoader):
 
     def __init__(self, config: LoaderConfig) -> None:
         super().__init__(config)
-        self.io_detail = "files read into host memory by workers, decoded on the GPU"
+        self.io_evidence = "files read into host memory by workers, decoded on the GPU"
 
     @classmethod
     def supports(cls, fmt: Format) -> bool:
