@@ -1,10 +1,9 @@
-"""The one place that checks for a GPU, the optional GPU packages, and GDS.
+"""The one place that checks for a GPU and the optional GPU packages.
 
 Every GPU loader asks here whether it can run and, if not, gets one line saying why
-(no CUDA, a package missing or built for another CUDA major version than torch, too
-little free VRAM). Here too is the honest I/O label of DESIGN section 5: ``gds`` only
-with evidence that GPUDirect Storage moved the bytes, ``compat`` for cuFile paths that
-fell back (or may have fallen back) to POSIX reads, ``host`` for host-memory paths.
+(no CUDA, a package missing or built for another CUDA major version than torch, no
+nvJPEG in torchvision, too little free VRAM). The honest I/O label of DESIGN section 5
+is decided in :mod:`node.loaders.gds`.
 
 Optional packages (CuPy, kvikio, DALI) are imported only inside the functions that
 need them, so importing this module costs nothing on a machine without them.
@@ -19,14 +18,11 @@ import importlib.util
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from node.loaders.base import ShardSlice
-from node.loaders.gds import IO_COMPAT, IO_GDS, IO_HOST, MIB  # noqa: F401 - re-exported
 from shared.storage import check_relative
 
 GIB = 1 << 30
