@@ -52,7 +52,7 @@ from node.loaders.gpu import (
     requirements_reason,
     vram_reason,
 )
-from node.loaders.kvikio_loader import io_threads
+from node.loaders.kvikio_loader import without_direct_io, io_threads
 from shared.formats import Format
 from shared.formats.npy import IMAGES_FILE, npy_layout
 
@@ -196,7 +196,7 @@ class CupyLoader(Loader):
                     continue
                 handle = kvikio.CuFile(path, "r")
                 handles.append(handle)
-                fallback += not handle.is_direct_io_supported()
+                fallback += without_direct_io(handle)
                 # kvikio splits an unaligned range into aligned tasks itself; one range
                 # per shard is large, so the unaligned head and tail are negligible.
                 futures.append((handle.pread(buffer[dst:dst + nbytes], nbytes, offset + first),

@@ -166,14 +166,26 @@ def plan_reads(sorted_indices: np.ndarray, *, data_offset: int, sample_bytes: in
     return ReadPlan(tuple(ranges), placed, cursor - buffer_base)
 
 
-def _ensure_open_files(needed: int) -> None:
-    """Raise the soft open-files limit towards ``needed`` (up to the hard limit)."""
+def _ensure_open_files(needed: int) -> bool:
+    """Raise the soft open-files limit towards ``needed`` (up to the hard limit).
+
+    Returns:
+        Whether ``needed`` descriptors may now be open.
+    """
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return True
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target >= needed
+
+
+def without_direct_io(handle: Any) -> bool:
+    """True when kvikio opened the file without O_DIRECT (so AUTO mode reads it by POSIX)."""
+    probe = getattr(handle, "is_direct_io_supported", None)  # kvikio 26.x
+    return probe is not None and not probe()
 
 
 # --------------------------------------------------------------------------- staging
@@ -250,6 +262,7 @@ class KvikioLoader(Loader):
         self._threads = io_threads(config.workers)
         self._file_handles: dict[int, Any] = {}  # npy-files: rank position -> CuFile
         self._fallback: list[str] = []  # files opened without O_DIRECT (POSIX reads)
+        self._keep_handles = True
         self._in_flight: list[_Pending] = []
         self._map = ShardMap(config.shards)
         self._sample_bytes = int(np.prod(config.image_shape))
@@ -293,8 +306,9 @@ class KvikioLoader(Loader):
                     continue
                 layout = self._check_layout(npy_layout(self._paths[bounds[k]]), sample=True)
                 self._header.append(layout.data_offset)
-            # Every file's handle stays open for the run: two descriptors each.
-            _ensure_open_files(2 * len(self._paths) + 256)
+            # Every file's handle stays open for the run (two descriptors each) where the
+            # open-files limit allows; else each read opens and closes its file.
+            self._keep_handles = _ensure_open_files(2 * len(self._paths) + 256)
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="kvikio-files")
         else:
             # Each CuFile holds two descriptors (buffered and O_DIRECT) for the whole run.
@@ -305,7 +319,7 @@ class KvikioLoader(Loader):
                 self._sizes.append(os.path.getsize(path))
                 handle = kvikio.CuFile(path, "r")
                 self._handles.append(handle)
-                if not handle.is_direct_io_supported():
+                if without_direct_io(handle):
                     self._fallback.append(path)
         self._labels = torch.from_numpy(self._map.labels).to(c.device)
         self._opened = True
@@ -373,10 +387,16 @@ class KvikioLoader(Loader):
             # Opening registers the file with cuFile once; the handle is kept for the run.
             handle = self._file_handles.get(p)
             if handle is None:
-                handle = self._file_handles[p] = kvikio.CuFile(self._paths[p], "r")
-                if not handle.is_direct_io_supported():
+                handle = kvikio.CuFile(self._paths[p], "r")
+                if without_direct_io(handle):
                     self._fallback.append(self._paths[p])  # list.append: thread-safe
-            return int(handle.read(staging.array[offset:offset + size], size, 0))
+                if self._keep_handles:
+                    self._file_handles[p] = handle
+            try:
+                return int(handle.read(staging.array[offset:offset + size], size, 0))
+            finally:
+                if not self._keep_handles:
+                    handle.close()
 
         waits: list[tuple[Callable[[], int], int, str]] = []
         read = cufile = 0
@@ -437,13 +457,17 @@ class KvikioLoader(Loader):
                 if k + 1 < len(batches):  # overlap the next batch's reads with this step
                     self._in_flight.append(
                         self._submit(batches[k + 1], self._staging[(k + 1) % 2]))
-                pending = self._in_flight.pop(0)
-                batch = self._finish(pending)
+                pending = self._in_flight[0]
+                batch = self._finish(pending)  # on a failed read, _drain_all waits for it too
+                self._in_flight.pop(0)
                 cufile_bytes += pending.cufile_bytes
                 self.alignment_bytes += pending.alignment_bytes
-                self.io_path, self.io_evidence = decide_io_path(kvikio_observation(
+                self.io_path, evidence = decide_io_path(kvikio_observation(
                     before=before, after=nvfs_read_counters(), cufile_bytes=cufile_bytes,
-                    fallback_files=len(self._fallback)))
+                    fallback_files=len(set(self._fallback))))
+                reopen = "" if self._keep_handles else (
+                    "; open-files limit too low to keep handles: each read opens its file")
+                self.io_evidence = evidence + reopen
                 yield batch
         finally:
             self._drain_all()

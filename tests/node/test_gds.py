@@ -199,3 +199,17 @@ def test_npy_formats_write_and_record_the_offset(tmp_path: Path) -> None:
 def test_write_npy_refuses_what_does_not_fit() -> None:
     with pytest.raises(ValueError, match="does not fit"):
         write_npy(io.BytesIO(), np.zeros(3, np.uint8), data_offset=32)
+
+
+def test_direct_io_fallback_is_read_from_the_handle() -> None:
+    from node.loaders.kvikio_loader import without_direct_io
+
+    class Handle:  # kvikio 26.x CuFile's one per-file signal (python/kvikio/kvikio/cufile.py)
+        def __init__(self, direct: bool) -> None:
+            self.direct = direct
+
+        def is_direct_io_supported(self) -> bool:
+            return self.direct
+
+    assert without_direct_io(Handle(False)) and not without_direct_io(Handle(True))
+    assert not without_direct_io(object())  # older kvikio: unknown, not claimed either way
