@@ -59,6 +59,11 @@ def _nvml_str(value: Any) -> str:
 
 def _visible_handles(nvml: Any) -> list[Any]:
     """NVML handles of the GPUs this process may use (``CUDA_VISIBLE_DEVICES``)."""
+    from node.nvml import cuda_handles  # by UUID / bus id: CUDA's order is not NVML's
+
+    handles = cuda_handles(nvml)
+    if handles is not None:
+        return handles
     count = nvml.nvmlDeviceGetCount()
     handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -191,7 +196,9 @@ class GpuProbe:
                 device_used += int(nvml.nvmlDeviceGetMemoryInfo(h).used)
             except Exception:  # noqa: BLE001
                 pass
-        if matched or not others_listed:
+        if not matched and not others_listed:  # NVML lists no process: no figure, not 0
+            self.vram_kind, vram = None, None
+        elif matched:
             self.vram_kind, vram = "process", ours
         else:
             # Processes are listed but none of our pids: a container's PID namespace.

@@ -3,12 +3,16 @@
 # machine into .whl/ (git-ignored), split the large ones and group them for transfer.
 #
 #   bash scripts/fetch-gpu-wheels.sh            # download, split, group
-#   DRY_RUN=1 bash scripts/fetch-gpu-wheels.sh  # print what it would download
+#   DRY_RUN=1 bash scripts/fetch-gpu-wheels.sh  # resolve, check the list, download nothing
 #
-# The GPU machine already has torch, torchvision, cupy-cuda13x, cuda-toolkit, nvidia-cufile,
-# numpy, six, packaging, pyyaml and typing-extensions; brought here are DALI, kvikio and
-# what they need beyond that (resolved for nvidia-dali-cuda130 2.4.0 and kvikio-cu13
-# 26.10.0). Override the list with WHEELS="name==version ...".
+# The GPU machine's own packages are listed in scripts/gpu-machine-packages.txt (torch,
+# torchvision, cupy-cuda13x, cuda-toolkit, nvidia-cufile, cuda-pathfinder, numpy, ...);
+# brought here are DALI, kvikio and what they need beyond that. The dry run resolves
+# TOP (nvidia-dali-cuda130, kvikio-cu13) for CPython 3.12 / manylinux x86-64 with
+# `pip install --dry-run --report`, subtracts the machine's packages, and fails when
+# WHEELS misses one. cuda-pathfinder (libkvikio-cu13 needs it) is on the machine but
+# brought too, pinned to what the resolver picks, since the machine's version is not
+# recorded. Override the list with WHEELS="name==version ...".
 #
 # Transfers to the machine are capped (about 64 MiB per call), so wheels over 50 MB are
 # split into NAME.whl.part-aa, -ab, ... (`split -b 50M`) and every file is placed in one of
@@ -23,7 +27,9 @@ PY=${PYTHON:-python3}
 DEST=.whl
 BATCH_MIB=${BATCH_MIB:-60}
 PYVER=${PYVER:-3.12}
+TOP=${TOP:-"nvidia-dali-cuda130==2.4.0 kvikio-cu13==26.10.0"}
 WHEELS=${WHEELS:-"
+cuda-pathfinder==1.9.1
 nvidia-dali-cuda130==2.4.0
 nvidia-nvimgcodec-cu13==0.9.0.20
 nvidia-nvjpeg==13.3.2.43
@@ -49,9 +55,42 @@ for p in manylinux_2_35_x86_64 manylinux_2_34_x86_64 manylinux_2_31_x86_64 \
 done
 
 if [[ -n "${DRY_RUN:-}" ]]; then
-  echo "would download into $DEST/ for CPython $PYVER, x86-64:"
-  for w in $WHEELS; do echo "  $w"; done
-  exit 0
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  # shellcheck disable=SC2086 - TOP is a list of requirements
+  "$PY" -m pip install -q --dry-run --ignore-installed --report "$tmp/report.json" \
+      --target "$tmp/t" --python-version "$PYVER" --implementation cp \
+      --abi "cp${PYVER/./}" --abi abi3 --abi none "${PLATFORMS[@]}" --only-binary=:all: $TOP \
+      2> >(grep -v "is ignored: it is neither" >&2)
+  "$PY" - "$tmp/report.json" scripts/gpu-machine-packages.txt "$WHEELS" <<'EOF'
+"""What the resolution needs beyond the machine's packages, against the WHEELS list."""
+import json, re, sys
+
+def norm(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+report, machine_file, wheels = sys.argv[1:4]
+machine = {norm(l) for l in open(machine_file).read().split("\n") if l and not l.startswith("#")}
+listed = dict(w.split("==") for w in wheels.split())
+listed = {norm(k): v for k, v in listed.items()}
+missing = []
+print(f"resolved for CPython, manylinux x86-64 ({len(machine)} packages already on the machine):")
+for item in json.load(open(report))["install"]:
+    name, version = norm(item["metadata"]["name"]), item["metadata"]["version"]
+    if name in listed:
+        state = "brought" if listed[name] == version else f"brought as {listed[name]} (MISMATCH)"
+    elif name in machine:
+        state = "on the machine"
+    else:
+        state = "MISSING from WHEELS"
+    if "MISSING" in state or "MISMATCH" in state:
+        missing.append(name)
+    print(f"  {name}=={version}: {state}")
+print("complete: every dependency is on the machine or brought" if not missing
+      else f"incomplete: {', '.join(missing)}")
+sys.exit(1 if missing else 0)
+EOF
+  exit $?
 fi
 
 mkdir -p "$DEST/download"

@@ -8,9 +8,14 @@ At the start of the first epoch the rank's sample ranges of every shard's
   to the GPU); ``io_path = host``;
 - with kvikio ``CuFile`` reads straight into the buffer where kvikio reports
   GPUDirect Storage usable (compat mode off, cuFile says GDS available); then
-  ``io_path`` is what :func:`node.loaders.gpu.gds_status` makes of it. In compat mode
+  ``io_path`` is what :func:`node.loaders.gds.decide_io_path` makes of it. In compat mode
   kvikio would only repeat the host path through its own bounce buffer, so it is not
   used then.
+
+VRAM: a run builds a train and a val loader before either loads and before the model
+exists, so each loader's fit check counts the bytes of every other ``cupy`` loader that
+has passed its check and not loaded yet (:func:`vram_budget`), plus a fixed reserve for
+the model.
 
 PyTorch gets the buffer through DLPack without a copy; each batch is one gather
 ``images[idx]`` on the GPU, labels likewise.
@@ -25,34 +30,46 @@ wait, so the cold epoch shows it (``disk_read_bytes`` shows the disk side).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from node.loaders.base import Batch, Loader, LoaderConfig, LoaderUnavailable
+from node.loaders.gds import (
+    IO_HOST,
+    decide_io_path,
+    kvikio_observation,
+    nvfs_read_counters,
+    set_kvikio_settings,
+)
 from node.loaders.gpu import (
     GIB,
-    IO_COMPAT,
-    IO_HOST,
     cuda_device_index,
-    decide_io_path,
+    format_gib,
     free_vram,
-    nvfs_read_counters,
-    probe_gds,
     requirements_reason,
-    set_kvikio_threads,
     vram_reason,
 )
-from node.loaders.kvikio_loader import IMAGES_FILE, MAX_IO_THREADS, npy_layout
+from node.loaders.kvikio_loader import without_direct_io, io_threads
 from shared.formats import Format
+from shared.formats.npy import IMAGES_FILE, npy_layout
 
 CHUNK_BYTES = 64 << 20
 # VRAM left free for the model, its activations and the optimiser: a floor, not an
 # estimate (batch and image size decide the real need; running out later is a failed
 # run, not a refusal).
 TRAINING_RESERVE_BYTES = 4 * GIB
+# Bytes promised to cupy loaders that passed their fit check and have not loaded yet,
+# by id(loader): what the next check must leave room for.
+_PENDING: dict[int, int] = {}
+
+
+def vram_budget(own_bytes: int, others_bytes: Sequence[int],
+                reserve_bytes: int = TRAINING_RESERVE_BYTES) -> int:
+    """VRAM a loader needs free now: its data, the other pending loaders', the reserve."""
+    return own_bytes + sum(others_bytes) + reserve_bytes
 
 
 class CupyLoader(Loader):
@@ -67,11 +84,12 @@ class CupyLoader(Loader):
     def __init__(self, config: LoaderConfig) -> None:
         super().__init__(config)
         self.io_path = IO_HOST
-        self.io_detail = "not loaded yet"
+        self.io_evidence = "not loaded yet"
         self._buffer: Any = None  # the CuPy array that owns the memory
         self._images: torch.Tensor | None = None
         self._labels: torch.Tensor | None = None
         self.load_bytes = 0  # bytes read from storage into the GPU buffer (once)
+        self._kvikio_threads = 0  # kvikio's pool size, where the load used kvikio
 
     @classmethod
     def supports(cls, fmt: Format) -> bool:
@@ -90,12 +108,15 @@ class CupyLoader(Loader):
         if self._images is not None:
             return
         free, _ = free_vram(self.config.device)
+        others = [n for key, n in _PENDING.items() if key != id(self)]
         reason = vram_reason(
-            self.name, self.data_bytes + TRAINING_RESERVE_BYTES, free,
+            self.name, vram_budget(self.data_bytes, others), free,
             f"{self.config.num_samples} images of {'x'.join(map(str, self.config.image_shape))} "
-            f"uint8 plus {TRAINING_RESERVE_BYTES // GIB} GiB kept for training")
+            f"uint8, {format_gib(sum(others))} GiB for the run's other cupy loader, "
+            f"{TRAINING_RESERVE_BYTES // GIB} GiB kept for the model")
         if reason:
             raise LoaderUnavailable(reason)
+        _PENDING[id(self)] = self.data_bytes
 
     # ----------------------------------------------------------------- loading
 
@@ -118,11 +139,13 @@ class CupyLoader(Loader):
             slices.append((path, layout.data_offset, s.start * S, len(s) * S))
         with cupy.cuda.Device(device):
             buffer = cupy.empty(max(1, self.data_bytes), dtype=cupy.uint8)
-            facts = probe_gds()
-            if facts.compat_mode is False and facts.gds_available is True:
-                self._load_kvikio(buffer, slices, facts)
+            probe = kvikio_observation(before=None, after=None, cufile_bytes=None,
+                                       fallback_files=None)
+            if probe.compat_preferred is False and probe.nvfs_loaded is True:
+                self._load_kvikio(buffer, slices)
             else:
                 self._load_host(cupy, buffer, slices)
+        _PENDING.pop(id(self), None)  # now in use: free memory shows it
         self._buffer = buffer
         self._images = torch.from_dlpack(buffer)[:self.data_bytes].view(
             c.num_samples, *c.image_shape)
@@ -156,29 +179,29 @@ class CupyLoader(Loader):
                 k += 1
             del source
         stream.synchronize()
-        self.io_path, self.io_detail = IO_HOST, "pinned host-to-device copies from the page cache"
+        self.io_path, self.io_evidence = IO_HOST, "pinned host-to-device copies from the page cache"
 
-    def _load_kvikio(self, buffer: Any, slices: list[tuple[str, int, int, int]],
-                     facts: Any) -> None:
+    def _load_kvikio(self, buffer: Any, slices: list[tuple[str, int, int, int]]) -> None:
         """Whole ranges with kvikio (GPUDirect Storage where it works), in parallel."""
         import kvikio
 
-        set_kvikio_threads(max(1, min(MAX_IO_THREADS, os.cpu_count() or 1)))
+        self._kvikio_threads = io_threads(self.config.workers)
+        set_kvikio_settings(num_threads=self._kvikio_threads, gds_threshold=0)
         before = nvfs_read_counters()
         handles, futures = [], []
-        dst = cufile = 0
-        threshold = int(facts.gds_threshold or 0)
+        dst = cufile = fallback = 0
         try:
             for path, offset, first, nbytes in slices:
                 if not nbytes:
                     continue
                 handle = kvikio.CuFile(path, "r")
                 handles.append(handle)
+                fallback += without_direct_io(handle)
                 # kvikio splits an unaligned range into aligned tasks itself; one range
                 # per shard is large, so the unaligned head and tail are negligible.
                 futures.append((handle.pread(buffer[dst:dst + nbytes], nbytes, offset + first),
                                 nbytes, path))
-                cufile += nbytes if nbytes >= threshold else 0
+                cufile += nbytes
                 dst += nbytes
             for future, nbytes, path in futures:
                 got = future.get()
@@ -187,10 +210,11 @@ class CupyLoader(Loader):
         finally:
             for handle in handles:
                 handle.close()
-        self.io_path, self.io_detail = decide_io_path(facts, before, nvfs_read_counters(),
-                                                      cufile_bytes=cufile)
-        if self.io_path == IO_COMPAT:
-            self.io_detail = f"kvikio reads: {self.io_detail}"
+        self.io_path, evidence = decide_io_path(kvikio_observation(
+            before=before, after=nvfs_read_counters(), cufile_bytes=cufile,
+            fallback_files=fallback))
+        self.io_evidence = f"kvikio reads: {evidence}"
+
 
     # ----------------------------------------------------------------- epochs
 
@@ -206,7 +230,12 @@ class CupyLoader(Loader):
             yield Batch(images=self._images[idx], labels=self._labels[idx], positions=pos,
                         bytes_read=len(positions) * sample_bytes)
 
+    def resources(self) -> dict[str, int]:
+        """kvikio's pool where the load used it (bounded by ``--workers``), else none."""
+        return {"threads": self._kvikio_threads, "processes": 0}
+
     def close(self) -> None:
+        _PENDING.pop(id(self), None)
         self._images = self._labels = None
         if self._buffer is not None:
             import cupy

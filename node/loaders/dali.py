@@ -6,9 +6,11 @@
   to DALI's CPU decoders inside the same operator). ``io_path = host``.
 - ``dali_gds``: ``fn.readers.numpy(device="gpu")`` reads ``npy-files`` with cuFile
   into GPU memory: GPUDirect Storage where it works, cuFile's compat mode elsewhere.
-  ``io_path`` follows :func:`node.loaders.gpu.gds_status` (kvikio asked about cuFile,
-  nvidia-fs counters compared around the epoch); without that evidence it is
-  ``compat``, never ``gds``.
+  ``io_path`` follows :func:`node.loaders.gds.decide_io_path` (nvidia-fs counters
+  compared around the epoch, cuFile's config); without that evidence it is ``compat``,
+  never ``gds``. DALI's cuFile open uses ``O_DIRECT`` and fails outright where the file
+  system refuses it (dali/util/std_cufile.cc), so the first file is probed up front
+  and the loader refuses in one line naming the file system.
 
 Order and sharding. The contract wants each epoch's order from ``(seed, epoch)``
 (:meth:`Loader.batches`), every sample exactly once. DALI's readers shuffle with their
@@ -27,7 +29,8 @@ are then looked up on the GPU from the shard indexes. The numpy reader has no la
 output, so ``dali_gds`` takes positions from the order it gave the reader (DALI reads
 in list order without shuffling); the GPU tests compare pixels to check it.
 
-DALI's CPU thread pool has ``max(2, --workers)`` threads.
+DALI's CPU thread pool has ``--workers`` threads (at least 1), reported by
+:meth:`resources`.
 """
 
 from __future__ import annotations
@@ -40,18 +43,17 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from node.loaders.base import Batch, Loader, LoaderConfig
-from node.loaders.gpu import (
+from node.loaders.base import Batch, Loader, LoaderConfig, LoaderUnavailable
+from node.loaders.gds import (
     IO_COMPAT,
     IO_HOST,
-    GdsFacts,
-    cuda_device_index,
+    NvfsReads,
+    dali_observation,
     decide_io_path,
     nvfs_read_counters,
-    probe_gds,
-    rank_files,
-    requirements_reason,
+    o_direct_reason,
 )
+from node.loaders.gpu import cuda_device_index, rank_files, requirements_reason
 from shared.formats import Format
 from shared.formats.base import FormatKind
 
@@ -73,7 +75,7 @@ class _DaliLoader(Loader):
         self._sizes = np.array([os.path.getsize(p) for p in self._paths], dtype=np.int64)
         self._labels: torch.Tensor | None = None
         self._device_id = cuda_device_index(config.device)
-        self._threads = max(2, config.workers)
+        self._threads = max(1, config.workers)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -153,6 +155,10 @@ class _DaliLoader(Loader):
         return {"name": READER_NAME, "random_shuffle": False, "pad_last_batch": True,
                 "shard_id": 0, "num_shards": 1, "seed": self.config.seed & 0x7FFFFFFF}
 
+    def resources(self) -> dict[str, int]:
+        """DALI's CPU thread pool (``num_threads``); DALI starts no processes here."""
+        return {"threads": self._threads, "processes": 0}
+
     def close(self) -> None:
         self._labels = None
 
@@ -170,7 +176,7 @@ class DaliLoader(_DaliLoader):
         super().__init__(config)
         if len(self._paths) > _MAX_POSITION:
             raise ValueError(f"{self.name}: {len(self._paths)} samples exceed DALI's int32 labels")
-        self.io_detail = "files read into host memory by DALI, decoded on the GPU"
+        self.io_evidence = "files read into host memory by DALI, decoded on the GPU"
 
     @classmethod
     def supports(cls, fmt: Format) -> bool:
@@ -210,13 +216,18 @@ class DaliGdsLoader(_DaliLoader):
     def __init__(self, config: LoaderConfig) -> None:
         super().__init__(config)
         self.io_path = IO_COMPAT
-        self.io_detail = "no reads yet"
-        self._facts: GdsFacts | None = None
-        self._before = None
+        self.io_evidence = "no reads yet"
+        self._before: NvfsReads | None = None
 
     @classmethod
     def supports(cls, fmt: Format) -> bool:
         return fmt.id == "npy-files"
+
+    def check_fits(self) -> None:
+        if self._paths:
+            reason = o_direct_reason(self._paths[0])
+            if reason:
+                raise LoaderUnavailable(f"{self.name}: {reason}")
 
     def _outputs(self) -> list[str]:
         return ["images"]
@@ -241,12 +252,9 @@ class DaliGdsLoader(_DaliLoader):
         return torch.from_numpy(batches[k])
 
     def _epoch_started(self) -> None:
-        if self._facts is None:
-            self._facts = probe_gds()
         self._before = nvfs_read_counters()
 
     def _batch_done(self) -> None:
-        assert self._facts is not None
-        self.io_path, self.io_detail = decide_io_path(self._facts, self._before,
-                                                      nvfs_read_counters())
-        self.io_detail = f"DALI numpy reader via cuFile: {self.io_detail}"
+        self.io_path, evidence = decide_io_path(
+            dali_observation(before=self._before, after=nvfs_read_counters()))
+        self.io_evidence = f"DALI numpy reader via cuFile: {evidence}"

@@ -1,10 +1,9 @@
-"""The one place that checks for a GPU, the optional GPU packages, and GDS.
+"""The one place that checks for a GPU and the optional GPU packages.
 
 Every GPU loader asks here whether it can run and, if not, gets one line saying why
-(no CUDA, a package missing or built for another CUDA major version than torch, too
-little free VRAM). Here too is the honest I/O label of DESIGN section 5: ``gds`` only
-with evidence that GPUDirect Storage moved the bytes, ``compat`` for cuFile paths that
-fell back (or may have fallen back) to POSIX reads, ``host`` for host-memory paths.
+(no CUDA, a package missing or built for another CUDA major version than torch, no
+nvJPEG in torchvision, too little free VRAM). The honest I/O label of DESIGN section 5
+is decided in :mod:`node.loaders.gds`.
 
 Optional packages (CuPy, kvikio, DALI) are imported only inside the functions that
 need them, so importing this module costs nothing on a machine without them.
@@ -19,8 +18,6 @@ import importlib.util
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,12 +26,6 @@ from node.loaders.base import ShardSlice
 from shared.storage import check_relative
 
 GIB = 1 << 30
-MIB = 1 << 20
-NVFS_STATS = Path("/proc/driver/nvidia-fs/stats")
-
-IO_GDS = "gds"
-IO_COMPAT = "compat"
-IO_HOST = "host"
 
 # Pip names per CUDA major: {major} is torch's CUDA major version.
 PIP_NAMES = {
@@ -205,16 +196,35 @@ def requirements_reason(loader: str, modules: tuple[str, ...]) -> str | None:
     return None
 
 
+# An 8x8 grey baseline JPEG, made with Pillow: the probe nvJPEG must decode.
+_TINY_JPEG = bytes.fromhex(
+    "ffd8ffe000104a46494600010100000100010000ffdb004300100b0c0e0c0a100e0d0e1211101318281a1816"
+    "16183123251d283a333d3c3933383740485c4e404457453738506d51575f626768673e4d71797064785c6567"
+    "63ffdb0043011112121815182f1a1a2f63423842636363636363636363636363636363636363636363636363"
+    "6363636363636363636363636363636363636363636363636363ffc000110800080008030122000211010311"
+    "01ffc40014000100000000000000000000000000000000ffc400141001000000000000000000000000000000"
+    "00ffc40014010100000000000000000000000000000000ffc400141101000000000000000000000000000000"
+    "00ffda000c03010002110311003f00000fffd9")
+
+
+@functools.cache
 def torchvision_nvjpeg_reason() -> str | None:
-    """None when torchvision can decode JPEG on the GPU (it was built with nvJPEG)."""
+    """None when torchvision decodes a JPEG on CUDA, else why not (probed once).
+
+    torchvision always registers ``decode_jpegs_cuda``; built without nvJPEG it is a
+    stub that raises on use (torchvision/csrc/io/image/cuda/decode_jpegs_cuda.cpp,
+    ``#if !NVJPEG_FOUND``), so only a real decode tells.
+    """
     try:
-        import torchvision.io  # noqa: F401 - registers torch.ops.image
+        from torchvision.io import decode_jpeg
     except Exception as exc:  # noqa: BLE001
         return f"torchvision does not import: {(str(exc).splitlines() or [''])[0]}"
+    data = torch.frombuffer(bytearray(_TINY_JPEG), dtype=torch.uint8)
     try:
-        torch.ops.image.decode_jpegs_cuda  # noqa: B018 - raises when the op is missing
-    except (AttributeError, RuntimeError):
-        return "torchvision was built without nvJPEG (no torch.ops.image.decode_jpegs_cuda)"
+        decode_jpeg([data], device="cuda")
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return f"torchvision cannot decode JPEG on the GPU: {first}"
     return None
 
 # --------------------------------------------------------------------------- VRAM
@@ -237,209 +247,6 @@ def vram_reason(loader: str, need_bytes: int, free_bytes: int, what: str = "") -
     detail = f" ({what})" if what else ""
     return (f"{loader}: needs {format_gib(need_bytes)} GiB, {format_gib(free_bytes)} GiB free"
             f"{detail}")
-
-
-# --------------------------------------------------------------------------- nvidia-fs counters
-
-@dataclass(frozen=True)
-class NvfsReads:
-    """The nvidia-fs driver's read counters (system-wide, since the driver loaded).
-
-    Attributes:
-        ops: read operations (``n=``).
-        mib: MiB read (``readMiB=``), rounded down by the driver.
-    """
-
-    ops: int
-    mib: int
-
-    @property
-    def bytes(self) -> int:
-        return self.mib * MIB
-
-
-_NVFS_READS = re.compile(r"^\s*Reads\s*:\s*n=(\d+)\b.*?\breadMiB=(\d+)", re.MULTILINE)
-
-
-def parse_nvfs_reads(text: str) -> NvfsReads | None:
-    """The ``Reads : n=... readMiB=...`` counters of ``/proc/driver/nvidia-fs/stats``.
-
-    None when the line is missing, as it is while the driver's IO statistics are off
-    (``rw_stats_enabled=0``: only ``Reads : err=... io_state_err=...`` is printed).
-    """
-    match = _NVFS_READS.search(text)
-    if not match:
-        return None
-    return NvfsReads(ops=int(match.group(1)), mib=int(match.group(2)))
-
-
-def nvfs_read_counters(path: Path = NVFS_STATS) -> NvfsReads | None:
-    """The nvidia-fs read counters now, or None where they cannot be read."""
-    try:
-        return parse_nvfs_reads(path.read_text(errors="replace"))
-    except OSError:
-        return None
-
-
-def nvfs_read_bytes(path: Path = NVFS_STATS) -> int | None:
-    """Bytes nvidia-fs has read so far (MiB granularity), or None where unreadable.
-
-    Read it before and after an epoch: GDS moved bytes only if it grew.
-    """
-    counters = nvfs_read_counters(path)
-    return None if counters is None else counters.bytes
-
-
-# --------------------------------------------------------------------------- GDS status
-
-@dataclass(frozen=True)
-class GdsFacts:
-    """What kvikio/cuFile say about GPUDirect Storage on this machine.
-
-    Attributes:
-        kvikio_version: None when kvikio is not importable.
-        compat_mode: True when kvikio reads through POSIX and a host bounce buffer;
-            None when it could not be read.
-        gds_available: cuFile's ``is_gds_available`` (nvidia-fs or P2P DMA present);
-            None when it could not be read.
-        gds_threshold: kvikio's smallest read it sends through cuFile, in bytes.
-    """
-
-    kvikio_version: str | None
-    compat_mode: bool | None
-    gds_available: bool | None
-    gds_threshold: int | None = None
-
-
-def probe_gds() -> GdsFacts:
-    """Ask kvikio (and through it cuFile) about GDS; never raises."""
-    try:
-        import kvikio
-    except Exception:  # noqa: BLE001 - not installed or broken: no evidence of GDS
-        return GdsFacts(None, None, None)
-    return GdsFacts(str(getattr(kvikio, "__version__", "?")), _kvikio_compat_mode(),
-                    _cufile_gds_available(kvikio), kvikio_setting("gds_threshold"))
-
-
-def _kvikio_compat_mode() -> bool | None:
-    try:
-        import kvikio.defaults as defaults  # a submodule: not an attribute until imported
-    except Exception:  # noqa: BLE001
-        return None
-    # kvikio >= 24.12 resolves AUTO (try cuFile, else POSIX) into what it will really do.
-    preferred = getattr(defaults, "is_compat_mode_preferred", None)
-    if preferred is not None:
-        try:
-            return bool(preferred())
-        except Exception:  # noqa: BLE001
-            pass
-    value: Any = None
-    try:
-        if hasattr(defaults, "get"):  # kvikio >= 25.04
-            value = defaults.get("compat_mode")
-        else:  # older: compat_mode() returns a bool or a CompatMode
-            value = defaults.compat_mode()
-    except Exception:  # noqa: BLE001
-        return None
-    if isinstance(value, bool):  # the oldest releases answer True/False
-        return value
-    # kvikio.CompatMode is an IntEnum: OFF = 0, ON = 1, AUTO = 2 (unresolved: which path
-    # reads take is not known, so no claim either way).
-    name = getattr(value, "name", None)
-    if name in ("OFF", "ON", "AUTO"):
-        return {"OFF": False, "ON": True, "AUTO": None}[name]
-    if isinstance(value, int):
-        return {0: False, 1: True}.get(int(value))
-    return None
-
-
-def _cufile_gds_available(kvikio: Any) -> bool | None:
-    # The API moved between releases: cufile_driver.get() (>= 25.02), then the
-    # DriverProperties class in cufile_driver, then at the top level (older).
-    attempts = []
-    try:
-        import kvikio.cufile_driver as driver
-
-        attempts.append(lambda: driver.get("is_gds_available"))
-        attempts.append(lambda: driver.DriverProperties().is_gds_available)
-    except Exception:  # noqa: BLE001
-        pass
-    if hasattr(kvikio, "DriverProperties"):
-        attempts.append(lambda: kvikio.DriverProperties().is_gds_available)
-    for attempt in attempts:
-        try:
-            return bool(attempt())
-        except Exception:  # noqa: BLE001 - next spelling
-            continue
-    return None
-
-
-def kvikio_setting(name: str) -> Any:
-    """A kvikio default (``num_threads``, ``gds_threshold``...), or None if unreadable."""
-    try:
-        import kvikio.defaults as defaults
-    except Exception:  # noqa: BLE001
-        return None
-    try:
-        if hasattr(defaults, "get"):
-            return defaults.get(name)
-        legacy = {"num_threads": "get_num_threads"}.get(name, name)
-        return getattr(defaults, legacy)()
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def set_kvikio_threads(threads: int) -> None:
-    """Size kvikio's I/O thread pool (its default is one thread, which serialises reads)."""
-    import kvikio.defaults as defaults
-
-    if hasattr(defaults, "set"):
-        defaults.set("num_threads", int(threads))
-    else:
-        defaults.num_threads_reset(int(threads))
-
-
-def decide_io_path(facts: GdsFacts, before: NvfsReads | None = None,
-                   after: NvfsReads | None = None, *,
-                   cufile_bytes: int | None = None) -> tuple[str, str]:
-    """``("gds" | "compat", why)`` for reads that went through cuFile.
-
-    ``gds`` needs all of: kvikio importable, kvikio not in compat mode, cuFile
-    reporting GDS available, some bytes read through cuFile, and, where the nvidia-fs
-    counters were readable before and after, those counters moved. Anything else is
-    ``compat``: a run is never labelled GDS without evidence.
-
-    Args:
-        facts: from :func:`probe_gds`.
-        before, after: nvidia-fs counters around the reads (None if unreadable).
-        cufile_bytes: bytes the loader sent in reads large enough for cuFile
-            (kvikio serves reads below its ``gds_threshold`` with POSIX); None if the
-            loader cannot tell (DALI).
-    """
-    if facts.kvikio_version is None:
-        return IO_COMPAT, "kvikio is not installed, so GDS cannot be confirmed"
-    if facts.compat_mode is None:
-        return IO_COMPAT, "kvikio's compat mode could not be resolved"
-    if facts.compat_mode:
-        return IO_COMPAT, "kvikio runs in compat mode (POSIX reads through a host bounce buffer)"
-    if facts.gds_available is not True:
-        return IO_COMPAT, "cuFile reports GDS unavailable (no nvidia-fs driver or P2P DMA)"
-    if cufile_bytes is not None and cufile_bytes <= 0:
-        return IO_COMPAT, (f"every read was below kvikio's gds_threshold "
-                           f"({facts.gds_threshold} bytes), which kvikio serves with POSIX")
-    if before is not None and after is not None:
-        ops, mib = after.ops - before.ops, after.mib - before.mib
-        if ops <= 0 and mib <= 0:
-            return IO_COMPAT, "nvidia-fs read counters did not move (cuFile fell back to POSIX)"
-        return IO_GDS, f"nvidia-fs counted {ops} reads, {mib} MiB (system-wide)"
-    return IO_GDS, ("cuFile reports GDS available and kvikio's compat mode is off; "
-                    "nvidia-fs counters not readable")
-
-
-def gds_status(before: NvfsReads | None = None, after: NvfsReads | None = None, *,
-               cufile_bytes: int | None = None) -> tuple[str, str]:
-    """:func:`decide_io_path` with this machine's kvikio/cuFile facts."""
-    return decide_io_path(probe_gds(), before, after, cufile_bytes=cufile_bytes)
 
 
 def cuda_device_index(device: torch.device) -> int:

@@ -2,7 +2,16 @@
 
 With GPUDirect Storage the NVMe DMA-writes into GPU memory; in kvikio's (or cuFile's)
 compat mode the same calls read through POSIX and a host bounce buffer. Which one
-happened is recorded in ``io_path`` by :func:`node.loaders.gpu.gds_status`.
+happened is decided by :func:`node.loaders.gds.decide_io_path` from the run's
+nvidia-fs counters and kvikio's modes, and said in ``io_evidence``.
+
+Reads overlap training: kvikio's ``FileHandle.pread`` serves reads below
+``gds_threshold`` (16 KiB by default) inline with POSIX in the calling thread
+(cpp/src/file_handle.cpp), which would read CIFAR-size samples one by one on the main
+thread; so this loader sets ``gds_threshold`` to 0 and every read goes through kvikio's
+thread pool (sized by ``--workers``). When kvikio is not in compat mode each ``pread``
+also synchronises the default CUDA stream first; the Python API of kvikio 26.10 does not
+expose ``sync_default_stream``, so that cost stays inside the data wait.
 
 Per batch the positions are sorted and read in parallel (kvikio's thread pool):
 
@@ -33,7 +42,6 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -41,58 +49,36 @@ import torch
 
 from node.loaders.base import Batch, Loader, LoaderConfig
 from node.loaders.common import ShardMap
-from node.loaders.gpu import (
+from node.loaders.gds import (
     IO_COMPAT,
-    GdsFacts,
-    cuda_device_index,
     decide_io_path,
+    kvikio_observation,
     nvfs_read_counters,
-    probe_gds,
-    rank_files,
-    requirements_reason,
-    set_kvikio_threads,
+    set_kvikio_settings,
 )
+from node.loaders.gpu import cuda_device_index, rank_files, requirements_reason
 from shared.formats import Format
+from shared.formats.npy import IMAGES_FILE, NpyLayout, npy_layout
 
 ALIGN = 4096  # GDS's page: direct DMA needs file offsets (and buffers) on 4 KiB boundaries
-IMAGES_FILE = "images.npy"
 MAX_IO_THREADS = 16
 
 
+def io_threads(workers: int) -> int:
+    """kvikio's pool size: ``--workers`` bounds it (at least 1, at most 16)."""
+    return max(1, min(MAX_IO_THREADS, workers))
+
+
+def aligned_start(ptr: int, align: int = ALIGN) -> int:
+    """Bytes to skip from address ``ptr`` to the next ``align`` boundary.
+
+    CuPy's memory pool hands out 512-byte-aligned blocks (cupy/cuda/memory.pyx,
+    ``ALLOCATION_UNIT_SIZE``); GDS wants 4 KiB-aligned GPU buffers for direct DMA.
+    """
+    return -ptr % align
+
+
 # --------------------------------------------------------------------------- pure helpers
-
-@dataclass(frozen=True)
-class NpyLayout:
-    """Where a ``.npy`` file's data starts and what it holds.
-
-    Attributes:
-        data_offset: bytes of magic and header before the array data.
-        shape, dtype, fortran_order: from the header.
-    """
-
-    data_offset: int
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    fortran_order: bool
-
-
-def npy_layout(path: str | Path) -> NpyLayout:
-    """Read a ``.npy`` header with NumPy's own functions (format 1.0 or 2.0).
-
-    Raises:
-        ValueError: not a ``.npy`` file, or a format version NumPy cannot read here.
-    """
-    fmt = np.lib.format
-    with open(path, "rb") as f:
-        version = fmt.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = fmt.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, dtype = fmt.read_array_header_2_0(f)
-        else:
-            raise ValueError(f"{path}: .npy format {version} is not supported (1.0, 2.0)")
-        return NpyLayout(f.tell(), tuple(shape), np.dtype(dtype), bool(fortran))
-
 
 def align_down(x: int, align: int = ALIGN) -> int:
     return x // align * align
@@ -180,14 +166,26 @@ def plan_reads(sorted_indices: np.ndarray, *, data_offset: int, sample_bytes: in
     return ReadPlan(tuple(ranges), placed, cursor - buffer_base)
 
 
-def _ensure_open_files(needed: int) -> None:
-    """Raise the soft open-files limit towards ``needed`` (up to the hard limit)."""
+def _ensure_open_files(needed: int) -> bool:
+    """Raise the soft open-files limit towards ``needed`` (up to the hard limit).
+
+    Returns:
+        Whether ``needed`` descriptors may now be open.
+    """
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return True
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target >= needed
+
+
+def without_direct_io(handle: Any) -> bool:
+    """True when kvikio opened the file without O_DIRECT (so AUTO mode reads it by POSIX)."""
+    probe = getattr(handle, "is_direct_io_supported", None)  # kvikio 26.x
+    return probe is not None and not probe()
 
 
 # --------------------------------------------------------------------------- staging
@@ -200,7 +198,8 @@ class _Staging:
     """
 
     def __init__(self) -> None:
-        self.array: Any = None
+        self.array: Any = None  # a 4 KiB-aligned view of _owner
+        self._owner: Any = None
         self.tensor: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
 
@@ -209,8 +208,12 @@ class _Staging:
 
         self.wait()
         if self.array is None or self.array.size < nbytes:
-            self.array = self.tensor = None
-            self.array = cupy.empty(align_up(max(nbytes, ALIGN)), dtype=cupy.uint8)
+            self.array = self.tensor = self._owner = None
+            size = align_up(max(nbytes, ALIGN))
+            # Over-allocate one page and start at its boundary (see aligned_start).
+            self._owner = cupy.empty(size + ALIGN, dtype=cupy.uint8)
+            skip = aligned_start(int(self._owner.data.ptr))
+            self.array = self._owner[skip:skip + size]
             self.tensor = torch.from_dlpack(self.array)
 
     def wait(self) -> None:
@@ -221,6 +224,10 @@ class _Staging:
     def mark(self) -> None:
         self.ready = torch.cuda.Event()
         self.ready.record()
+
+    def free(self) -> None:
+        self.wait()
+        self.array = self.tensor = self._owner = None
 
 
 @dataclass
@@ -251,7 +258,12 @@ class KvikioLoader(Loader):
     def __init__(self, config: LoaderConfig) -> None:
         super().__init__(config)
         self.io_path = IO_COMPAT
-        self.io_detail = "no reads yet"
+        self.io_evidence = "no reads yet"
+        self._threads = io_threads(config.workers)
+        self._file_handles: dict[int, Any] = {}  # npy-files: rank position -> CuFile
+        self._fallback: list[str] = []  # files opened without O_DIRECT (POSIX reads)
+        self._keep_handles = True
+        self._in_flight: list[_Pending] = []
         self._map = ShardMap(config.shards)
         self._sample_bytes = int(np.prod(config.image_shape))
         self._files_mode = config.fmt.id == "npy-files"
@@ -263,8 +275,6 @@ class KvikioLoader(Loader):
         self._pool: ThreadPoolExecutor | None = None
         self._staging = (_Staging(), _Staging())
         self._labels: torch.Tensor | None = None
-        self._facts: GdsFacts | None = None
-        self._threshold = 0
         self._opened = False
         self.alignment_bytes = 0
 
@@ -285,10 +295,8 @@ class KvikioLoader(Loader):
 
         c = self.config
         torch.cuda.set_device(cuda_device_index(c.device))
-        threads = max(1, min(MAX_IO_THREADS, os.cpu_count() or 1))
-        set_kvikio_threads(threads)
-        self._facts = probe_gds()
-        self._threshold = int(self._facts.gds_threshold or 0)
+        # gds_threshold 0: small reads go through the pool too (module docstring).
+        set_kvikio_settings(num_threads=self._threads, gds_threshold=0)
         if self._files_mode:
             self._paths = rank_files(c.shards)
             bounds = self._map.bounds.tolist()
@@ -298,7 +306,10 @@ class KvikioLoader(Loader):
                     continue
                 layout = self._check_layout(npy_layout(self._paths[bounds[k]]), sample=True)
                 self._header.append(layout.data_offset)
-            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kvikio-open")
+            # Every file's handle stays open for the run (two descriptors each) where the
+            # open-files limit allows; else each read opens and closes its file.
+            self._keep_handles = _ensure_open_files(2 * len(self._paths) + 256)
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="kvikio-files")
         else:
             # Each CuFile holds two descriptors (buffered and O_DIRECT) for the whole run.
             _ensure_open_files(2 * len(c.shards) + 256)
@@ -306,7 +317,10 @@ class KvikioLoader(Loader):
                 path = os.path.join(s.location, IMAGES_FILE)
                 self._layouts.append(self._check_layout(npy_layout(path), sample=False))
                 self._sizes.append(os.path.getsize(path))
-                self._handles.append(kvikio.CuFile(path, "r"))
+                handle = kvikio.CuFile(path, "r")
+                self._handles.append(handle)
+                if without_direct_io(handle):
+                    self._fallback.append(path)
         self._labels = torch.from_numpy(self._map.labels).to(c.device)
         self._opened = True
 
@@ -348,7 +362,7 @@ class KvikioLoader(Loader):
                 future = handle.pread(view, r.size, r.file_offset)
                 waits.append((future.get, r.size, f"shard {shard} @{r.file_offset}"))
                 read += r.size
-                cufile += r.size if r.size >= self._threshold else 0
+                cufile += r.size
         runs = [run for _, plan in plans for run in plan.runs]
         shape = (len(pos), *self.config.image_shape)
 
@@ -369,20 +383,29 @@ class KvikioLoader(Loader):
         staging.reserve(stride * len(pos))
         assert self._pool is not None
 
-        def read_one(path: str, offset: int, size: int) -> int:
-            # Opening registers the file with cuFile; it is closed again at once so a
-            # large dataset does not hold one descriptor per file.
-            with kvikio.CuFile(path, "r") as f:
-                return int(f.read(staging.array[offset:offset + size], size, 0))
+        def read_one(p: int, offset: int, size: int) -> int:
+            # Opening registers the file with cuFile once; the handle is kept for the run.
+            handle = self._file_handles.get(p)
+            if handle is None:
+                handle = kvikio.CuFile(self._paths[p], "r")
+                if without_direct_io(handle):
+                    self._fallback.append(self._paths[p])  # list.append: thread-safe
+                if self._keep_handles:
+                    self._file_handles[p] = handle
+            try:
+                return int(handle.read(staging.array[offset:offset + size], size, 0))
+            finally:
+                if not self._keep_handles:
+                    handle.close()
 
         waits: list[tuple[Callable[[], int], int, str]] = []
         read = cufile = 0
         for k, (p, header) in enumerate(zip(pos.tolist(), headers, strict=True)):
             size = header + S
-            future = self._pool.submit(read_one, self._paths[p], k * stride, size)
+            future = self._pool.submit(read_one, p, k * stride, size)
             waits.append((future.result, size, self._paths[p]))
             read += size
-            cufile += size if size >= self._threshold else 0
+            cufile += size
         shape = (len(pos), *self.config.image_shape)
         uniform = len(set(headers)) == 1
 
@@ -424,39 +447,57 @@ class KvikioLoader(Loader):
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         self._open()
-        assert self._facts is not None
         batches = self.batches(epoch)
         before = nvfs_read_counters()
         cufile_bytes = 0
-        pending: _Pending | None = None
-        following: _Pending | None = None
         try:
             if batches:
-                pending = self._submit(batches[0], self._staging[0])
+                self._in_flight.append(self._submit(batches[0], self._staging[0]))
             for k in range(len(batches)):
                 if k + 1 < len(batches):  # overlap the next batch's reads with this step
-                    following = self._submit(batches[k + 1], self._staging[(k + 1) % 2])
-                batch = self._finish(pending)
+                    self._in_flight.append(
+                        self._submit(batches[k + 1], self._staging[(k + 1) % 2]))
+                pending = self._in_flight[0]
+                batch = self._finish(pending)  # on a failed read, _drain_all waits for it too
+                self._in_flight.pop(0)
                 cufile_bytes += pending.cufile_bytes
                 self.alignment_bytes += pending.alignment_bytes
-                self.io_path, self.io_detail = decide_io_path(
-                    self._facts, before, nvfs_read_counters(), cufile_bytes=cufile_bytes)
-                pending, following = following, None
+                self.io_path, evidence = decide_io_path(kvikio_observation(
+                    before=before, after=nvfs_read_counters(), cufile_bytes=cufile_bytes,
+                    fallback_files=len(set(self._fallback))))
+                reopen = "" if self._keep_handles else (
+                    "; open-files limit too low to keep handles: each read opens its file")
+                self.io_evidence = evidence + reopen
                 yield batch
         finally:
-            self._drain(pending)
-            self._drain(following)
+            self._drain_all()
+
+    def _drain_all(self) -> None:
+        """Wait for every read still in flight (the staging must outlive them)."""
+        while self._in_flight:
+            self._drain(self._in_flight.pop(0))
+
+    def resources(self) -> dict[str, int]:
+        """kvikio's I/O threads (``--workers``, at most 16), plus the file pool's."""
+        pool = self._threads if self._files_mode else 0
+        return {"threads": self._threads + pool, "processes": 0}
+
+    def release(self) -> None:
+        """Close every handle and buffer; the next epoch reopens them."""
+        self.close()
 
     def close(self) -> None:
-        for staging in self._staging:
-            staging.wait()
-            staging.array = staging.tensor = None
-        for handle in self._handles:
-            handle.close()
-        self._handles = []
+        # Reads still in flight first (also when training stopped on an error and the
+        # epoch's generator was never closed), then the pool, then handles and buffers.
+        self._drain_all()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        for handle in [*self._handles, *self._file_handles.values()]:
+            handle.close()
+        self._handles, self._file_handles, self._fallback = [], {}, []
+        self._layouts, self._sizes, self._header = [], [], []
+        for staging in self._staging:
+            staging.free()
         self._labels = None
         self._opened = False
-

@@ -18,7 +18,8 @@ import torch
 from node.loaders.base import Batch, LoaderConfig
 from node.loaders.common import BatchReader, WorkerLoader, empty_batch
 from node.loaders.file import read_file
-from node.loaders.gpu import IO_HOST, cuda_reason, rank_files, torchvision_nvjpeg_reason
+from node.loaders.gds import IO_HOST
+from node.loaders.gpu import cuda_reason, rank_files, torchvision_nvjpeg_reason
 from shared.formats import Format
 
 
@@ -72,7 +73,7 @@ class NvjpegLoader(WorkerLoader):
 
     def __init__(self, config: LoaderConfig) -> None:
         super().__init__(config)
-        self.io_detail = "files read into host memory by workers, decoded on the GPU"
+        self.io_evidence = "files read into host memory by workers, decoded on the GPU"
 
     @classmethod
     def supports(cls, fmt: Format) -> bool:

@@ -2,13 +2,24 @@
 
 Readers memory-map ``images.npy``; loaders that copy whole batches (or whole shards
 to the GPU) take the map from :meth:`NpyShardReader.images_array`.
+
+The files are written with their array data at byte :data:`DATA_OFFSET` (4096), the
+header padded with spaces, so GPUDirect Storage reads of the data start on a 4 KiB
+page (unaligned file offsets go through cuFile's bounce buffers). The padding is
+allowed by the ``.npy`` format 1.0 (a 2-byte header length, 65535 at most) and read by
+``np.load`` and by DALI's numpy reader, which takes the data offset from the header
+length it reads and requires ``(header_len + 10) % 16 == 0`` (dali/util/numpy.cc,
+``GetHeaderLen``). Files written before (data at byte 128) stay readable: readers
+take the offset from each file's header (:func:`npy_layout`).
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -17,12 +28,68 @@ from shared.formats.base import ArrayFormat, ShardReader, check_shard_arrays, ga
 IMAGES_FILE = "images.npy"
 LABELS_FILE = "labels.npy"
 NPY_VERSION = (1, 0)
+DATA_OFFSET = 4096  # GDS's page; recorded in the format's parameters
+_MAGIC_LEN = 10  # b"\x93NUMPY", major, minor, uint16 header length
+
+
+def write_npy(f: IO[bytes], array: np.ndarray, data_offset: int = DATA_OFFSET) -> None:
+    """Write ``array`` as ``.npy`` 1.0 with its data starting at byte ``data_offset``.
+
+    Raises:
+        ValueError: the array is not plain (e.g. object dtype) or the header does not
+            fit in ``data_offset`` (which must be a multiple of 16).
+    """
+    array = np.ascontiguousarray(array)
+    if array.dtype.hasobject or array.dtype.names:
+        raise ValueError(f"write_npy: plain dtypes only, got {array.dtype}")
+    header = np.lib.format.header_data_from_array_1_0(array)
+    text = (f"{{'descr': {header['descr']!r}, 'fortran_order': False, "
+            f"'shape': {tuple(array.shape)!r}, }}")
+    header_len = data_offset - _MAGIC_LEN
+    if data_offset % 16 or len(text) + 1 > header_len or header_len > 0xFFFF:
+        raise ValueError(f"write_npy: a {len(text)}-byte header does not fit before byte "
+                         f"{data_offset} (a multiple of 16, at most 65545)")
+    f.write(np.lib.format.magic(*NPY_VERSION) + struct.pack("<H", header_len))
+    f.write(text.ljust(header_len - 1).encode("latin1") + b"\n")
+    f.write(array.tobytes())
 
 
 def _save(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as f:
-        np.lib.format.write_array(f, np.ascontiguousarray(array), version=NPY_VERSION,
-                                  allow_pickle=False)
+        write_npy(f, array)
+
+
+@dataclass(frozen=True)
+class NpyLayout:
+    """Where a ``.npy`` file's data starts and what it holds.
+
+    Attributes:
+        data_offset: bytes of magic and header before the array data.
+        shape, dtype, fortran_order: from the header.
+    """
+
+    data_offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+
+
+def npy_layout(path: str | Path) -> NpyLayout:
+    """Read a ``.npy`` header with NumPy's own functions (format 1.0 or 2.0).
+
+    Raises:
+        ValueError: not a ``.npy`` file, or a format version NumPy cannot read here.
+    """
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"{path}: .npy format {version} is not supported (1.0, 2.0)")
+        return NpyLayout(f.tell(), tuple(shape), np.dtype(dtype), bool(fortran))
 
 
 class NpyFormat(ArrayFormat):
@@ -30,7 +97,7 @@ class NpyFormat(ArrayFormat):
 
     def __init__(self) -> None:
         super().__init__("npy", "npy", {"npy_version": ".".join(map(str, NPY_VERSION)),
-                                        "order": "C"})
+                                        "order": "C", "data_offset": DATA_OFFSET})
 
     def write_shard(self, out_dir: Path, images: np.ndarray, labels: np.ndarray) -> None:
         check_shard_arrays(images, labels)

@@ -1,6 +1,8 @@
 """``npy-files``: one ``.npy`` per sample (H, W, C uint8, NumPy format 1.0, C order).
 
 Made for DALI's GPU numpy reader, which reads these headers and copies the payload.
+The data starts at byte 4096 (a padded header, see :mod:`shared.formats.npy`), so
+cuFile reads of it are page-aligned.
 """
 
 from __future__ import annotations
@@ -10,8 +12,7 @@ import io
 import numpy as np
 
 from shared.formats.base import FileFormat
-
-NPY_VERSION = (1, 0)
+from shared.formats.npy import DATA_OFFSET, NPY_VERSION, write_npy
 
 
 class NpyFilesFormat(FileFormat):
@@ -19,13 +20,13 @@ class NpyFilesFormat(FileFormat):
 
     def __init__(self) -> None:
         super().__init__("npy-files", "npy-files", True,
-                         {"npy_version": ".".join(map(str, NPY_VERSION)), "order": "C"},
+                         {"npy_version": ".".join(map(str, NPY_VERSION)), "order": "C",
+                          "data_offset": DATA_OFFSET},
                          extension="npy", compression="none")
 
     def encode(self, image: np.ndarray) -> bytes:
         buf = io.BytesIO()
-        np.lib.format.write_array(buf, np.ascontiguousarray(image), version=NPY_VERSION,
-                                  allow_pickle=False)
+        write_npy(buf, image)
         return buf.getvalue()
 
     def decode(self, data: bytes) -> np.ndarray:

@@ -20,18 +20,19 @@ from node.loaders import LOADERS, LoaderConfig, LoaderUnavailable, ShardSlice, g
 from node.loaders.base import epoch_batches
 from node.loaders.cupy_loader import CupyLoader
 from node.loaders.dali import DaliGdsLoader, DaliLoader
-from node.loaders.gpu import GdsFacts, NvfsReads, decide_io_path, parse_nvfs_reads
+from node.loaders import gds
+from node.loaders.gds import NvfsReads, parse_nvfs_reads
 from node.loaders.kvikio_loader import (
     ALIGN,
     KvikioLoader,
     align_down,
     align_up,
-    npy_layout,
     plan_reads,
     sample_runs,
 )
 from node.loaders.nvjpeg import JpegBytesReader, NvjpegLoader
 from shared.formats import CATALOG, get_format
+from shared.formats.npy import npy_layout
 from shared.shards import read_index, shard_path, write_shard
 from shared.storage import PathEscapeError, Store
 
@@ -169,7 +170,7 @@ def test_gpu_loaders_refuse_a_cpu_device(tmp_path: Path) -> None:
 def test_parse_nvfs_reads() -> None:
     reads = parse_nvfs_reads(NVFS_ENABLED)
     assert reads == NvfsReads(ops=66496, mib=1040)
-    assert reads.bytes == 1040 * gpu.MIB
+    assert reads.bytes == 1040 * gds.MIB
     assert parse_nvfs_reads(NVFS_DISABLED) is None  # stats off: no counters to compare
     assert parse_nvfs_reads("") is None
 
@@ -177,39 +178,9 @@ def test_parse_nvfs_reads() -> None:
 def test_nvfs_counters_from_a_file(tmp_path: Path) -> None:
     stats = tmp_path / "stats"
     stats.write_text(NVFS_ENABLED)
-    assert gpu.nvfs_read_counters(stats) == NvfsReads(66496, 1040)
-    assert gpu.nvfs_read_bytes(stats) == 1040 * gpu.MIB
-    assert gpu.nvfs_read_bytes(tmp_path / "missing") is None
-
-
-GDS_OK = GdsFacts(kvikio_version="26.10.0", compat_mode=False, gds_available=True,
-                  gds_threshold=16384)
-
-
-@pytest.mark.parametrize(("facts", "before", "after", "cufile", "path", "why"), [
-    (GdsFacts(None, None, None), None, None, None, "compat", "not installed"),
-    (GdsFacts("26.10.0", True, True), None, None, None, "compat", "compat mode"),
-    (GdsFacts("26.10.0", None, True), None, None, None, "compat", "could not be resolved"),
-    (GdsFacts("26.10.0", False, False), None, None, None, "compat", "GDS unavailable"),
-    (GdsFacts("26.10.0", False, None), None, None, None, "compat", "GDS unavailable"),
-    (GDS_OK, None, None, 0, "compat", "gds_threshold"),
-    (GDS_OK, NvfsReads(5, 7), NvfsReads(5, 7), 1 << 20, "compat", "did not move"),
-    (GDS_OK, NvfsReads(5, 7), NvfsReads(9, 8), 1 << 20, "gds", "4 reads, 1 MiB"),
-    (GDS_OK, NvfsReads(5, 7), NvfsReads(6, 7), None, "gds", "1 reads"),
-    (GDS_OK, None, None, 1 << 20, "gds", "not readable"),
-    (GDS_OK, NvfsReads(5, 7), None, None, "gds", "not readable"),
-])
-def test_io_path_is_gds_only_with_evidence(facts: GdsFacts, before: NvfsReads | None,
-                                           after: NvfsReads | None, cufile: int | None,
-                                           path: str, why: str) -> None:
-    got, reason = decide_io_path(facts, before, after, cufile_bytes=cufile)
-    assert got == path
-    assert why in reason and "\n" not in reason
-
-
-def test_gds_status_here_is_never_gds_without_kvikio() -> None:
-    if gpu.probe_gds().kvikio_version is None:
-        assert gpu.gds_status()[0] == "compat"
+    assert gds.nvfs_read_counters(stats) == NvfsReads(66496, 1040)
+    assert gds.nvfs_read_bytes(stats) == 1040 * gds.MIB
+    assert gds.nvfs_read_bytes(tmp_path / "missing") is None
 
 
 # --------------------------------------------------------------------------- .npy layout, reads
@@ -432,9 +403,7 @@ def test_gpu_loader_trains(tmp_path: Path, name: str, format_id: str) -> None:
                 seen.append(batch.positions)
             assert torch.cat(seen).sort().values.tolist() == list(range(config.num_samples))
         assert loader.io_path in ("gds", "compat", "host")
-        if loader.io_path == "gds":  # only with cuFile's own word for it
-            facts = gpu.probe_gds()
-            assert facts.compat_mode is False and facts.gds_available is True
+        assert loader.io_evidence and "\n" not in loader.io_evidence
         assert torch.isfinite(loss)
     finally:
         loader.close()
