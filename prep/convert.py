@@ -24,14 +24,19 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from prep.plan import ShardPlan, ShardResult, convert_shard, default_shard_samples, plan_shards
 from prep.sources import SOURCES, SourceError, get_source
 from shared.formats import CATALOG, UnknownFormat, parse_format_list
+from shared.killpoint import KILL_AT_ENV, KILL_STATE_ENV, kill_point
+from shared.lock import DatasetBusy, DatasetLock
 from shared.manifest import (FormatEntry, Manifest, ManifestError, Reject, ShardEntry,
                              SplitEntry)
 from shared.results import new_id, utc_now, write_rows
 from shared.shards import STAGING_DIR
-from shared.storage import (BadStorageOptions, StorageError, Store, one_line,
-                            parse_storage_options, redact, redact_url)
+from shared.storage import (STORAGE_OPTIONS_ENV, BadStorageOptions, StorageError, Store,
+                            has_secrets, one_line, parse_storage_options, public_options,
+                            redact, redact_url)
 
 DEFAULT_MAX_REJECTS = 1000
+# Set in a driver that `ray job submit` started (its entrypoint is on record).
+_RAY_JOB_ENV = ("RAY_JOB_CONFIG_JSON_ENV_VAR", "RAY_JOB_ID", "RAY_SUBMISSION_ID")
 
 
 class UsageError(Exception):
@@ -71,9 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
     p.add_argument("--limit", type=_positive_int, metavar="N",
                    help="convert at most N samples per split (a trial run)")
-    p.add_argument("--storage-options", metavar="JSON",
+    p.add_argument("--storage-options", metavar="JSON|@FILE",
                    help="fsspec options for --src, --dst and --results (e.g. S3 endpoint "
-                        "and keys); the AWS environment is used otherwise")
+                        "and keys), as JSON or @path.json; default: "
+                        f"${STORAGE_OPTIONS_ENV}, else the AWS environment")
     p.add_argument("--address", metavar="RAY_ADDRESS",
                    help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray); "
                         "'inline' runs the tasks in this process without Ray")
@@ -109,6 +115,7 @@ class InlineExecutor:
     """Runs shard tasks one after another in this process (no Ray start-up cost)."""
 
     workers = 1
+    joining = False
 
     def map(self, fn: Callable[..., ShardResult], plans: Sequence[ShardPlan],
             **kwargs: Any) -> Iterator[ShardResult]:
@@ -127,11 +134,15 @@ class RayExecutor:
 
         repo = str(Path(__file__).resolve().parents[1])
         kwargs: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True}
-        joining = bool(address or os.environ.get("RAY_ADDRESS"))
-        if not joining:
+        self.joining = bool(address or os.environ.get("RAY_ADDRESS"))
+        env_vars = {k: v for k, v in os.environ.items()
+                    if k in (KILL_AT_ENV, KILL_STATE_ENV)}  # fault tests reach workers
+        if not self.joining:
             # A local Ray started here: its workers import prep/shared from this checkout.
-            kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": repo}}
+            env_vars["PYTHONPATH"] = repo
             kwargs["include_dashboard"] = False
+        if env_vars:
+            kwargs["runtime_env"] = {"env_vars": env_vars}
         ray.init(address=address, **kwargs)
         self._ray = ray
         self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -163,6 +174,7 @@ def run(args: argparse.Namespace) -> Manifest:
 
     console = Console(stderr=True)
     options = parse_storage_options(args.storage_options)
+    _warn_recorded_secret(args.storage_options, options, console)
     formats = parse_format_list(args.formats)
     name = args.name or args.source
     if args.source == "image-folder" and args.size is None:
@@ -180,32 +192,71 @@ def run(args: argparse.Namespace) -> Manifest:
     plans = plan_shards(listing.items, args.seed, shard_samples, args.limit)
     if not plans:
         raise UsageError(f"no samples found in {redact_url(args.src)}")
+    kill_point("plan")
 
     dst = Store.open(args.dst, options)
-    listing_rejects = [Reject(key=k, reason=r) for k, r in listing.rejects]
-    started = time.perf_counter()
-    executor = InlineExecutor() if args.address == "inline" else RayExecutor(args.address)
-    try:
-        results = _run_tasks(executor, plans, source, args, options, name, formats, size,
-                             max_rejects=args.max_rejects - len(listing_rejects),
-                             console=console)
-        workers = executor.workers
-    finally:
-        executor.shutdown()
-    wall = time.perf_counter() - started
+    with DatasetLock(dst, name):  # one job per dataset: a second one is refused
+        listing_rejects = [Reject(key=k, reason=r) for k, r in listing.rejects]
+        started = time.perf_counter()
+        executor, task_options = _executor(args, options, console)
+        try:
+            results = _run_tasks(executor, plans, source, args, task_options, name, formats,
+                                 size, max_rejects=args.max_rejects - len(listing_rejects),
+                                 console=console)
+            workers = executor.workers
+        finally:
+            executor.shutdown()
+        wall = time.perf_counter() - started
 
-    manifest = _manifest(args, name, listing, size, shard_samples, formats, results,
-                         listing_rejects)
-    manifest.save(dst)
-    dst.delete(f"{name}/{STAGING_DIR}", recursive=True)
-    _report(console, manifest, results, wall)
-    if args.results:
-        _write_conversions(args.results, options, manifest, results, wall, workers, formats)
+        manifest = _manifest(args, name, listing, size, shard_samples, formats, results,
+                             listing_rejects)
+        manifest.save(dst)
+        dst.delete(f"{name}/{STAGING_DIR}", recursive=True)
+        _report(console, manifest, results, wall)
+        if args.results:
+            _write_conversions(args.results, options, manifest, results, wall, workers,
+                               formats, console)
     return manifest
 
 
+def _executor(args: argparse.Namespace, options: dict, console: Any
+              ) -> tuple[Any, dict[str, Any]]:
+    """The task runner, and the storage-option arguments its tasks get.
+
+    Ray records task arguments and may write them down (logs, spilled objects), so
+    Ray tasks get only the public options and read the full ones where the driver did:
+    the ``@file`` (by path), or ``FORMATLAB_STORAGE_OPTIONS``, which a local Ray
+    started here inherits from this process.
+    """
+    if args.address == "inline":
+        return InlineExecutor(), {"storage_options": options}
+    text = args.storage_options or ""
+    secret_inline = bool(text) and not text.startswith("@") and has_secrets(options)
+    if text.startswith("@"):
+        options_from = "@" + str(Path(text[1:]).expanduser().resolve())
+    else:
+        options_from = ""
+        if secret_inline:
+            os.environ[STORAGE_OPTIONS_ENV] = text
+    executor = RayExecutor(args.address)
+    if executor.joining and secret_inline:
+        console.print("convert: note: secrets in --storage-options are not sent to Ray "
+                      f"workers; they use {STORAGE_OPTIONS_ENV} or the AWS credentials of "
+                      "the cluster (see README)")
+    return executor, {"storage_options": public_options(options), "options_from": options_from}
+
+
+def _warn_recorded_secret(text: str | None, options: dict, console: Any) -> None:
+    """Say once that Ray has recorded a secret given on a job's command line."""
+    in_ray_job = any(os.environ.get(k) for k in _RAY_JOB_ENV)
+    if in_ray_job and text and not text.startswith("@") and has_secrets(options):
+        console.print("convert: warning: Ray has recorded this job's entrypoint, secrets in "
+                      "--storage-options included (job info, driver log); pass "
+                      f"--storage-options @file.json or set {STORAGE_OPTIONS_ENV} instead")
+
+
 def _run_tasks(executor: Any, plans: Sequence[ShardPlan], source: Any,
-               args: argparse.Namespace, options: dict, name: str, formats: list,
+               args: argparse.Namespace, task_options: dict, name: str, formats: list,
                size: int, *, max_rejects: int, console: Any) -> list[ShardResult]:
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn)
@@ -220,8 +271,8 @@ def _run_tasks(executor: Any, plans: Sequence[ShardPlan], source: Any,
         task = progress.add_task("shards", total=len(plans), rate="")
         images = 0
         for result in executor.map(convert_shard, plans, source=source, dst_url=args.dst,
-                                   storage_options=options, dataset=name,
-                                   format_ids=[f.id for f in formats], size=size):
+                                   dataset=name, format_ids=[f.id for f in formats],
+                                   size=size, **task_options):
             results.append(result)
             rejected += len(result.rejects)
             images += result.samples + len(result.rejects)
@@ -290,28 +341,50 @@ def _report(console: Any, manifest: Manifest, results: list[ShardResult], wall: 
 
 def _write_conversions(url: str, options: dict, manifest: Manifest,
                        results: list[ShardResult], wall: float, workers: int,
-                       formats: list) -> None:
+                       formats: list, console: Any) -> None:
+    """One row per format and split that this job converted shards of; none otherwise.
+
+    ``encode_time_s`` is encoding alone (into local staging), ``upload_time_s`` the
+    upload into the store; both count only the shards this job wrote.
+    """
     job_id = new_id()
-    rows = []
     by_id = {f.id: f for f in formats}
+    converted_images = sum(r.samples for r in results if r.encode_time_s)
+    rows = []
     for f in manifest.formats:
-        described = by_id[f.id].describe()
         for split in manifest.split_names:
-            shards = f.split_shards(split)
-            samples = sum(s.samples for s in shards)
-            nbytes = sum(s.bytes for s in shards)
-            raw = samples * manifest.height * manifest.width * manifest.channels
-            encode = sum(r.encode_time_s.get(f.id, 0.0) for r in results if r.split == split)
-            rows.append({
-                "job_id": job_id, "finished_at": utc_now(), "dataset": manifest.name,
-                "format": f.id, "split": split, "samples": samples,
-                "rejects": sum(len(r.rejects) for r in results if r.split == split),
-                "bytes": nbytes, "bytes_per_sample": nbytes / max(samples, 1),
-                "ratio_to_raw": nbytes / max(raw, 1), "encode_time_s": encode,
-                "wall_time_s": wall, "images_per_s": samples / max(wall, 1e-9),
-                "workers": workers, "bits": described.get("bits", 8),
-                "compression": described.get("compression"), "image_size": manifest.height})
+            split_results = [r for r in results if r.split == split]
+            done = [r for r in split_results if r.converted(f.id)]
+            if done:
+                rows.append(_conversion_row(manifest, by_id[f.id].describe(), f, split,
+                                            split_results, done) | {
+                    "job_id": job_id, "wall_time_s": wall, "workers": workers,
+                    "images_per_s": converted_images / max(wall, 1e-9)})
+    if not rows:
+        console.print("[dim]conversions: nothing converted, no rows written[/dim]")
+        return
     write_rows(Store.open(url, options), "conversions", rows, file_id=job_id)
+
+
+def _conversion_row(manifest: Manifest, described: dict, entry: FormatEntry, split: str,
+                    split_results: list[ShardResult], done: list[ShardResult]) -> dict:
+    """The figures of one format and split; sizes are the split's, times this job's."""
+    shards = entry.split_shards(split)
+    samples = sum(s.samples for s in shards)
+    nbytes = sum(s.bytes for s in shards)
+    raw = samples * manifest.height * manifest.width * manifest.channels
+    encode = sum(r.encode_time_s[entry.id] for r in done)
+    return {
+        "finished_at": utc_now(), "dataset": manifest.name, "format": entry.id,
+        "split": split, "samples": samples,
+        "rejects": sum(len(r.rejects) for r in split_results),
+        "bytes": nbytes, "bytes_per_sample": nbytes / max(samples, 1),
+        "ratio_to_raw": nbytes / max(raw, 1), "encode_time_s": encode,
+        "encode_images_per_s": sum(r.samples for r in done) / max(encode, 1e-9),
+        "upload_time_s": sum(r.upload_time_s.get(entry.id, 0.0) for r in done),
+        "shards_converted": len(done), "shards_skipped": len(split_results) - len(done),
+        "bits": described.get("bits", 8), "compression": described.get("compression"),
+        "image_size": manifest.height}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -321,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(args)
         return 0
-    except (UsageError, SourceError, UnknownFormat, BadStorageOptions) as exc:
+    except (UsageError, SourceError, UnknownFormat, BadStorageOptions, DatasetBusy) as exc:
         _fail(args, exc)
         return 2
     except FileNotFoundError as exc:

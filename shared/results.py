@@ -118,6 +118,10 @@ CONVERSIONS = pa.schema([
     ("bits", pa.int32()),
     ("compression", pa.string()),
     ("image_size", pa.int32()),
+    ("encode_images_per_s", pa.float64()),  # this job's shards of this format: samples / encode
+    ("upload_time_s", pa.float64()),   # staging -> store, apart from encode_time_s
+    ("shards_converted", pa.int32()),  # shards of this format and split written by this job
+    ("shards_skipped", pa.int32()),    # already committed, resumed
 ])
 
 TABLES: Mapping[str, pa.Schema] = {"runs": RUNS, "epochs": EPOCHS, "conversions": CONVERSIONS}

@@ -559,6 +559,39 @@ def test_rerun_rewrites_only_missing_shards(cifar: datagen.GeneratedCifar, tmp_p
     assert code == 0 and "5 shards (5 already committed)" in flat(output)
 
 
+def test_conversion_figures_per_format(cifar: datagen.GeneratedCifar, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Encode time and rate per format, upload apart; a re-run records only the shards
+    it converted, and one that converts nothing writes no rows."""
+    import pandas as pd
+
+    store, results = tmp_path / "store", tmp_path / "results"
+    argv = cifar_args(cifar.path, store, "png,npy", "--results", str(results))
+    assert convert(argv, capsys)[0] == 0
+    first = pd.read_parquet(results / "conversions")
+    assert len(first) == 4 and (first["shards_skipped"] == 0).all()
+    assert dict(zip(first["split"], first["shards_converted"])) == {"train": 4, "test": 1}
+    assert (first["encode_time_s"] > 0).all() and (first["upload_time_s"] > 0).all()
+    train = first[first["split"] == "train"].set_index("format")
+    for fid in ("png", "npy"):
+        assert train.loc[fid, "encode_images_per_s"] == pytest.approx(
+            5 * PER_BATCH / train.loc[fid, "encode_time_s"])
+    assert train.loc["png", "encode_images_per_s"] != train.loc["npy", "encode_images_per_s"]
+
+    (store / "cifar10" / "png" / "train" / "shard-00001" / INDEX_FILE).unlink()
+    assert convert(argv, capsys)[0] == 0
+    second = pd.read_parquet(results / "conversions")
+    new = second[~second["job_id"].isin(first["job_id"])]
+    assert list(zip(new["format"], new["split"], new["shards_converted"],
+                    new["shards_skipped"])) == [("png", "train", 1, 3)]
+    assert new["encode_images_per_s"].iloc[0] == pytest.approx(
+        SHARD / new["encode_time_s"].iloc[0])
+
+    code, output = convert(argv, capsys)
+    assert code == 0 and "nothing converted, no rows written" in flat(output)
+    assert len(list((results / "conversions").glob("*.parquet"))) == 2
+
+
 def test_killed_conversion_resumes_exactly(tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     made = datagen.make_image_folder(tmp_path / "raw", classes=3, per_class=100, size=(40, 36),
