@@ -21,7 +21,8 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prep.plan import ShardPlan, ShardResult, convert_shard, default_shard_samples, plan_shards
+from prep.plan import (REJECTS_DIR, ShardPlan, ShardResult, convert_shard,
+                       default_shard_samples, plan_shards)
 from prep.sources import SOURCES, SourceError, get_source
 from shared.formats import CATALOG, UnknownFormat, parse_format_list
 from shared.killpoint import KILL_AT_ENV, KILL_STATE_ENV, kill_point
@@ -210,8 +211,10 @@ def run(args: argparse.Namespace) -> Manifest:
 
         manifest = _manifest(args, name, listing, size, shard_samples, formats, results,
                              listing_rejects)
-        manifest.save(dst)
         dst.delete(f"{name}/{STAGING_DIR}", recursive=True)
+        for folder in (name, *{f"{name}/{REJECTS_DIR}/{p.split}" for p in plans}):
+            dst.sweep_temp(folder)  # what killed writes of earlier attempts left behind
+        manifest.save(dst)
         _report(console, manifest, results, wall)
         if args.results:
             _write_conversions(args.results, options, manifest, results, wall, workers,

@@ -405,6 +405,16 @@ class Store:
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"cannot delete {self._show(rel)}: {redact(exc)}") from None
 
+    def sweep_temp(self, rel: str = "") -> int:
+        """Remove the temporary files of killed atomic writes directly in ``rel``; returns
+        how many. Only for a writer that holds the folder (nothing else writes there)."""
+        if not self.is_local:
+            return 0  # object stores write whole objects: nothing to sweep
+        stale = [f for f in self.list(rel) if _TMP_NAME.match(posixpath.basename(f))]
+        for f in stale:
+            self.delete(f)
+        return len(stale)
+
     # -- helpers
     def _show(self, rel: str) -> str:
         return redact_url(self.url_of(rel) if rel else self.url)
@@ -422,6 +432,9 @@ class Store:
             raise StorageError(
                 f"cannot {what} {self._show(rel)}: {type(exc).__name__}: {redact(exc)}"
             ) from None
+
+
+_TMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{12}$")
 
 
 def _tmp_name(target: str) -> str:

@@ -721,6 +721,23 @@ def test_ray_worker_killed_mid_task_is_retried(ray_head: Any, tmp_path: Path) ->
     assert_cifar_pixels(assert_exactly_once(store / "cifar10", m, cifar_expected(gen)), gen)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("point", "nth", "exit_code"), [
+    ("shard-data", 2, 0), ("index-write", 3, 0), ("shard-stage", 5, 0),
+    ("manifest-write", 1, -signal.SIGKILL)])
+def test_ray_killed_at_point_resumes_exactly(ray_head: Any, tmp_path: Path, point: str,
+                                             nth: int, exit_code: int) -> None:
+    """Real Ray: a worker SIGKILLs itself mid-shard (data in place without index, half
+    an index, staged only) and Ray's retry must clean up after it; or the driver dies
+    at its manifest write while joined to the head. Checks as in test_kill_anywhere."""
+    from test_kill_anywhere import kill_and_resume
+
+    gen = datagen.make_cifar10_python(tmp_path / "c.tar.gz", train_per_batch=40, test=40,
+                                      seed=9)
+    kill_and_resume(gen, tmp_path, point, nth, address=f"127.0.0.1:{ray_head.gcs_port}",
+                    env=ray_head.env, killed_exit=exit_code)
+
+
 # --------------------------------------------------------------------------- 5. S3
 
 
