@@ -157,7 +157,13 @@ class RayExecutor:
         try:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
-                yield ray.get(done[0])
+                try:
+                    result = ray.get(done[0])
+                except ray.exceptions.RayTaskError as exc:
+                    # The task's own error, not Ray's wrapper with the remote traceback.
+                    cause = getattr(exc, "cause", None)
+                    raise (cause if isinstance(cause, Exception) else exc) from None
+                yield result
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
@@ -224,29 +230,34 @@ def run(args: argparse.Namespace) -> Manifest:
 
 def _executor(args: argparse.Namespace, options: dict, console: Any
               ) -> tuple[Any, dict[str, Any]]:
-    """The task runner, and the storage-option arguments its tasks get.
-
-    Ray records task arguments and may write them down (logs, spilled objects), so
-    Ray tasks get only the public options and read the full ones where the driver did:
-    the ``@file`` (by path), or ``FORMATLAB_STORAGE_OPTIONS``, which a local Ray
-    started here inherits from this process.
-    """
+    """The task runner, and the storage-option arguments its tasks get."""
     if args.address == "inline":
         return InlineExecutor(), {"storage_options": options}
-    text = args.storage_options or ""
-    secret_inline = bool(text) and not text.startswith("@") and has_secrets(options)
-    if text.startswith("@"):
-        options_from = "@" + str(Path(text[1:]).expanduser().resolve())
-    else:
-        options_from = ""
-        if secret_inline:
-            os.environ[STORAGE_OPTIONS_ENV] = text
+    text = args.storage_options or os.environ.get(STORAGE_OPTIONS_ENV, "")
+    task_options = ray_task_options(text, options)
+    secret_inline = not text.startswith("@") and has_secrets(options)
+    if secret_inline:
+        os.environ[STORAGE_OPTIONS_ENV] = text  # a local Ray started here inherits it
     executor = RayExecutor(args.address)
     if executor.joining and secret_inline:
         console.print("convert: note: secrets in --storage-options are not sent to Ray "
                       f"workers; they use {STORAGE_OPTIONS_ENV} or the AWS credentials of "
                       "the cluster (see README)")
-    return executor, {"storage_options": public_options(options), "options_from": options_from}
+    return executor, task_options
+
+
+def ray_task_options(text: str, options: dict) -> dict[str, Any]:
+    """Storage-option arguments for Ray tasks: never a secret.
+
+    Ray records task arguments and may write them down (logs, spilled objects), so
+    tasks get only the public options and read the full ones where the driver did:
+    the ``@file`` (by path), or ``FORMATLAB_STORAGE_OPTIONS`` in their environment.
+    """
+    if text.startswith("@"):
+        options_from = "@" + str(Path(text[1:]).expanduser().resolve())
+    else:
+        options_from = ""
+    return {"storage_options": public_options(options), "options_from": options_from}
 
 
 def _warn_recorded_secret(text: str | None, options: dict, console: Any) -> None:

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import zipfile
 from collections import Counter
@@ -738,6 +739,88 @@ def test_ray_killed_at_point_resumes_exactly(ray_head: Any, tmp_path: Path, poin
                     env=ray_head.env, killed_exit=exit_code)
 
 
+def _repo_copies(temp_dir: Path) -> Callable[[str, list[str]], set[str]]:
+    """A copytree filter leaving out working_dir files identical to this repository's."""
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        out = set()
+        for name in names:
+            path = Path(folder) / name
+            parts = path.relative_to(temp_dir).parts
+            if "working_dir_files" in parts and path.is_file() and not path.is_symlink():
+                rel = Path(*parts[parts.index("working_dir_files") + 2:])
+                if (REPO / rel).is_file() and (REPO / rel).read_bytes() == path.read_bytes():
+                    out.add(name)
+            elif path.is_socket() or path.is_fifo():
+                out.add(name)
+        return out
+    return ignore
+
+
+def _no_aws(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if not k.startswith(("AWS_", "FORMATLAB_STORAGE"))}
+
+
+@pytest.mark.slow
+def test_secrets_stay_out_of_ray(ray_head: Any, s3_server: Any, s3_bucket: str,
+                                 cifar: datagen.GeneratedCifar, tmp_path: Path) -> None:
+    """Credentials only in storage options, through real Ray: a local Ray the driver
+    starts (secret inline on the command line) and a running head (``ray job submit``
+    with ``--storage-options @file`` and a standalone driver with the environment
+    variable). Then the whole Ray temp folder of each, the store and every output are
+    searched for the secret. A secret inline in a Ray job's entrypoint gets the warning
+    that Ray has recorded it."""
+    from test_faults import assert_secret_nowhere
+
+    options = json.dumps(s3_server.storage_options)
+    opts_file = tmp_path / "s3.json"
+    opts_file.write_text(options)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fls", dir="/tmp"))  # short: socket paths
+    texts: dict[str, str] = {}
+    try:
+        local = run_cli(cifar_args(cifar.path, f"{s3_bucket}/local", "png,npy",
+                                   "--storage-options", options),
+                        env=_no_aws(_ray_env()) | {"RAY_TMPDIR": str(ray_tmp)}, timeout=300)
+        texts["local ray"] = local.stdout + local.stderr
+        assert local.returncode == 0, local.stderr[-3000:]
+        assert any(ray_tmp.rglob("*.log")), "the local Ray wrote no session folder here"
+        job = ray_head.job("submit", "--working-dir", str(REPO), "--", "python",
+                           "prep/convert.py", *cifar_args(cifar.path.resolve(),
+                                                          f"{s3_bucket}/job", "png",
+                                                          "--storage-options", f"@{opts_file}"),
+                           env=_no_aws(ray_head.env))
+        texts["job submit"] = job.stdout + job.stderr
+        assert job.returncode == 0, texts["job submit"][-3000:]
+        joined = run_cli(cifar_args(cifar.path, f"{s3_bucket}/joined", "png", "--address",
+                                    f"127.0.0.1:{ray_head.gcs_port}"),
+                         env=_no_aws(ray_head.env) | {"FORMATLAB_STORAGE_OPTIONS": f"@{opts_file}"},
+                         timeout=300)
+        texts["joined"] = joined.stdout + joined.stderr
+        assert joined.returncode == 0, joined.stderr[-3000:]
+        for name in ("local", "job", "joined"):
+            m = Manifest.load(Store.open(f"{s3_bucket}/{name}", s3_server.storage_options),
+                              "cifar10")
+            assert sum(s.samples for s in m.splits) == 5 * PER_BATCH + TEST
+        # The head's copies of this repository (the job's working_dir) hold the test's own
+        # key in tests/conftest.py: searched as copies, the rest of the head as is.
+        head_copy = tmp_path / "head"
+        shutil.copytree(ray_head.temp_dir, head_copy, symlinks=True,
+                        ignore=_repo_copies(ray_head.temp_dir), ignore_dangling_symlinks=True)
+        searched = assert_secret_nowhere(s3_server.secret, [
+            ray_tmp, head_copy, s3_server.root / s3_bucket.removeprefix("s3://")], texts)
+        assert searched > 50
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    # The one case Ray records: a secret inline in a job's entrypoint. Say so.
+    warned = ray_head.job("submit", "--working-dir", str(REPO), "--", "python",
+                          "prep/convert.py", *cifar_args(cifar.path.resolve(),
+                                                         f"{s3_bucket}/inline", "png",
+                                                         "--storage-options", options),
+                          env=_no_aws(ray_head.env))
+    # (Its workers are not sent the secret, and this head's have no credentials.)
+    assert "Ray has recorded this job's entrypoint" in flat(warned.stdout + warned.stderr)
+
+
 # --------------------------------------------------------------------------- 5. S3
 
 
@@ -820,3 +903,22 @@ def test_store_outage_mid_conversion(tmp_path: Path) -> None:
         assert assert_no_index_without_data(dataset) == 2 * len(m.format("npy").shards)
     finally:
         server.stop()
+
+
+def test_ray_task_arguments_hold_no_secret(tmp_path: Path) -> None:
+    """What Ray is given as task arguments (and may write down) holds no secret, for
+    options given inline, from a file and nested; the public ones still travel."""
+    from prep.convert import ray_task_options
+
+    secret = "s3cr3t-" + "x" * 20
+    options = {"key": "AKIAEXAMPLE0001", "secret": secret, "endpoint_url": "http://h:1",
+               "client_kwargs": {"region_name": "r", "aws_session_token": secret}}
+    path = tmp_path / "o.json"
+    path.write_text(json.dumps(options))
+    for text in (json.dumps(options), f"@{path}"):
+        args = ray_task_options(text, options)
+        dumped = json.dumps(args)
+        assert secret not in dumped and "AKIAEXAMPLE0001" not in dumped
+        assert args["storage_options"]["endpoint_url"] == "http://h:1"
+        assert args["storage_options"]["client_kwargs"] == {"region_name": "r"}
+    assert ray_task_options(f"@{path}", options)["options_from"] == f"@{path.resolve()}"
