@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,9 +48,17 @@ class JobFailed(Exception):
     """The conversion failed: exit 1 with one line."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (exit 2), not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"convert: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of DESIGN section 6."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="prep/convert.py",
         description="Convert a raw image dataset into every storage format (a Ray job).")
     p.add_argument("--source", required=True, choices=sorted(SOURCES),
@@ -74,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="N", help="fail the job when more inputs than this are rejected")
     p.add_argument("--results", metavar="URL",
                    help="results store: add the figures to its conversions table")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the sample shuffle")
     p.add_argument("--limit", type=_positive_int, metavar="N",
                    help="convert at most N samples per split (a trial run)")
     p.add_argument("--storage-options", metavar="JSON|@FILE",
@@ -88,22 +96,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
 def _nonneg_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value

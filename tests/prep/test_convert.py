@@ -922,3 +922,34 @@ def test_ray_task_arguments_hold_no_secret(tmp_path: Path) -> None:
         assert args["storage_options"]["endpoint_url"] == "http://h:1"
         assert args["storage_options"]["client_kwargs"] == {"region_name": "r"}
     assert ray_task_options(f"@{path}", options)["options_from"] == f"@{path.resolve()}"
+
+
+BAD_FLAGS = [
+    (["--source", "nope"], "--source"), (["--size", "0"], "--size"),
+    (["--size", "abc"], "--size"), (["--size", "-3"], "--size"),
+    (["--formats", "png,gif"], "'gif'"), (["--formats", ""], "format"),
+    (["--shard-samples", "0"], "--shard-samples"), (["--shard-samples", "1.5"], "--shard-samples"),
+    (["--val-fraction", "1"], "--val-fraction"), (["--val-fraction", "nan"], "--val-fraction"),
+    (["--val-fraction", "x"], "--val-fraction"), (["--max-rejects", "-1"], "--max-rejects"),
+    (["--seed", "-1"], "--seed"), (["--seed", "s"], "--seed"), (["--limit", "0"], "--limit"),
+    (["--storage-options", "{oops"], "--storage-options"),
+    (["--storage-options", "[1]"], "--storage-options"),
+    (["--storage-options", "@/no/such/file.json"], "--storage-options"),
+    (["--src"], "--src"), (["--bogus", "1"], "--bogus"),
+]
+
+
+@pytest.mark.parametrize(("bad", "named"), BAD_FLAGS, ids=[" ".join(b) for b, _ in BAD_FLAGS])
+def test_bad_value_for_every_flag(bad: list[str], named: str, cifar: datagen.GeneratedCifar,
+                                  tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 2 and one line naming the flag or value; no traceback, nothing written."""
+    argv = cifar_args(cifar.path, tmp_path / "store", "png") + ["--address", "inline", *bad]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    line = assert_one_line_error(err)
+    assert err.strip() == line and named in line, err
+    assert not (tmp_path / "store").exists()
