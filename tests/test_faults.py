@@ -697,3 +697,40 @@ def test_fuzzed_indexes_are_rewritten_by_a_rerun(small_archive: Path, tmp_path: 
         keys = read_index(index).column("key").to_pylist()
         assert len(keys) == entry.samples and all(isinstance(k, str) for k in keys)
     assert sum(s.samples for s in manifest.splits) == 120
+
+
+# --------------------------------------------------------------------------- 8. full disk
+
+
+def test_full_store_disk_mid_conversion(small_fs: Callable[[str], Any],
+                                        small_archive: Path) -> None:
+    """The destination file system fills up during the conversion (a real 1 MiB tmpfs):
+    exit 1 with one line saying so, no manifest, no index without its data; once it
+    has room, the re-run completes exactly."""
+    fs = small_fs("1m")
+    store = fs.path / "store"
+    argv = [sys.executable, CONVERT, "--source", "cifar10", "--src", str(small_archive),
+            "--dst", str(store), "--formats", "bmp,png,npy,tiff", "--shard-samples", "20",
+            "--address", "inline"]
+    proc = run_process(argv, timeout=240)
+    assert proc.returncode == 1, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr and line.startswith("convert: error:"), proc.stderr
+    assert "No space left" in line, line
+    dataset = store / DATASET
+    assert not (dataset / MANIFEST_FILE).exists()
+    for index in dataset.rglob(INDEX_FILE):
+        if ".staging" not in index.parts:
+            table = read_index(index)
+            if "file" in table.column_names:
+                assert all((index.parent / f).is_file() for f in table.column("file").to_pylist())
+
+    fs.resize("64m")
+    done = run_process(argv, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = Manifest.load(Store.open(str(store)), DATASET)
+    assert sum(s.samples for s in manifest.splits) == 120
+    for f in manifest.formats:
+        for entry in f.shards:
+            assert checksum_file(dataset / entry.path / INDEX_FILE) == entry.index_checksum
+    assert not (dataset / ".staging").exists()
