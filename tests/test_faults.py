@@ -734,3 +734,37 @@ def test_full_store_disk_mid_conversion(small_fs: Callable[[str], Any],
         for entry in f.shards:
             assert checksum_file(dataset / entry.path / INDEX_FILE) == entry.index_checksum
     assert not (dataset / ".staging").exists()
+
+
+def test_results_store_outage_mid_conversion(start_s3: Callable[[], Any], small_archive: Path,
+                                             tmp_path: Path) -> None:
+    """The S3 results store stops while the conversion runs: exit 1 with one line naming
+    the results store, the dataset itself committed, no partial results file; the re-run
+    completes (exit 0) with nothing left to convert."""
+    server = start_s3()
+    results = server.bucket("res") + "/results"
+    store = tmp_path / "store"
+    argv = [sys.executable, CONVERT, "--source", "cifar10", "--src", str(small_archive),
+            "--dst", str(store), "--formats", "png,npy,bmp,tiff", "--shard-samples", "10",
+            "--address", "inline", "--results", results]
+    proc = subprocess.Popen(argv, cwd=REPO, env=server.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any((store / DATASET).rglob(INDEX_FILE)) if store.exists() else True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.01)
+        server.stop()
+        out, err = proc.communicate(timeout=240)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 1, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("convert: error:") and "Traceback" not in err, err
+    assert "s3://res/results" in line, line
+    assert server.secret not in out + err
+    assert (store / DATASET / MANIFEST_FILE).exists()
+    assert not list((server.root / "res").rglob("*.parquet"))
+    done = run_process(argv, env=server.env(), timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "nothing converted" in done.stderr
