@@ -14,26 +14,27 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from prep.executors import make_executor
 from prep.plan import (REJECTS_DIR, ShardPlan, ShardResult, convert_shard,
                        default_shard_samples, plan_shards)
 from prep.sources import SOURCES, SourceError, get_source
 from shared.formats import CATALOG, UnknownFormat, parse_format_list
-from shared.killpoint import KILL_AT_ENV, KILL_STATE_ENV, kill_point
+from shared.killpoint import kill_point
 from shared.lock import DatasetBusy, DatasetLock
 from shared.manifest import (FormatEntry, Manifest, ManifestError, Reject, ShardEntry,
                              SplitEntry)
 from shared.results import new_id, utc_now, write_rows
 from shared.shards import STAGING_DIR
 from shared.storage import (STORAGE_OPTIONS_ENV, BadStorageOptions, StorageError, Store,
-                            has_secrets, one_line, parse_storage_options, public_options,
-                            redact, redact_url)
+                            has_secrets, one_line, parse_storage_options, redact,
+                            redact_url)
 
 DEFAULT_MAX_REJECTS = 1000
 # Set in a driver that `ray job submit` started (its entrypoint is on record).
@@ -127,69 +128,6 @@ def _fraction(text: str) -> float:
     return value
 
 
-# --------------------------------------------------------------------------- executors
-
-
-class InlineExecutor:
-    """Runs shard tasks one after another in this process (no Ray start-up cost)."""
-
-    workers = 1
-    joining = False
-
-    def map(self, fn: Callable[..., ShardResult], plans: Sequence[ShardPlan],
-            **kwargs: Any) -> Iterator[ShardResult]:
-        for plan in plans:
-            yield fn(plan=plan, **kwargs)
-
-    def shutdown(self) -> None:
-        pass
-
-
-class RayExecutor:
-    """One Ray task per shard, retried on failure; results as they complete."""
-
-    def __init__(self, address: str | None) -> None:
-        import ray
-
-        repo = str(Path(__file__).resolve().parents[1])
-        kwargs: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True}
-        self.joining = bool(address or os.environ.get("RAY_ADDRESS"))
-        env_vars = {k: v for k, v in os.environ.items()
-                    if k in (KILL_AT_ENV, KILL_STATE_ENV)}  # fault tests reach workers
-        if not self.joining:
-            # A local Ray started here: its workers import prep/shared from this checkout.
-            env_vars["PYTHONPATH"] = repo
-            kwargs["include_dashboard"] = False
-        if env_vars:
-            kwargs["runtime_env"] = {"env_vars": env_vars}
-        ray.init(address=address, **kwargs)
-        self._ray = ray
-        self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        self._task = ray.remote(max_retries=3, retry_exceptions=True)(convert_shard)
-
-    def map(self, fn: Callable[..., ShardResult], plans: Sequence[ShardPlan],
-            **kwargs: Any) -> Iterator[ShardResult]:
-        ray = self._ray
-        shared = {k: ray.put(v) if k == "source" else v for k, v in kwargs.items()}
-        pending = [self._task.remote(plan=plan, **shared) for plan in plans]
-        try:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                try:
-                    result = ray.get(done[0])
-                except ray.exceptions.RayTaskError as exc:
-                    # The task's own error, not Ray's wrapper with the remote traceback.
-                    cause = getattr(exc, "cause", None)
-                    raise (cause if isinstance(cause, Exception) else exc) from None
-                yield result
-        finally:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-
-    def shutdown(self) -> None:
-        self._ray.shutdown()
-
-
 # --------------------------------------------------------------------------- driver
 
 
@@ -223,7 +161,8 @@ def run(args: argparse.Namespace) -> Manifest:
     with DatasetLock(dst, name):  # one job per dataset: a second one is refused
         listing_rejects = [Reject(key=k, reason=r) for k, r in listing.rejects]
         started = time.perf_counter()
-        executor, task_options = _executor(args, options, console)
+        executor, task_options = make_executor(args.address, args.storage_options,
+                                               options, console)
         try:
             results = _run_tasks(executor, plans, source, args, task_options, name, formats,
                                  size, max_rejects=args.max_rejects - len(listing_rejects),
@@ -244,38 +183,6 @@ def run(args: argparse.Namespace) -> Manifest:
             _write_conversions(args.results, options, manifest, results, wall, workers,
                                formats, console)
     return manifest
-
-
-def _executor(args: argparse.Namespace, options: dict, console: Any
-              ) -> tuple[Any, dict[str, Any]]:
-    """The task runner, and the storage-option arguments its tasks get."""
-    if args.address == "inline":
-        return InlineExecutor(), {"storage_options": options}
-    text = args.storage_options or os.environ.get(STORAGE_OPTIONS_ENV, "")
-    task_options = ray_task_options(text, options)
-    secret_inline = not text.startswith("@") and has_secrets(options)
-    if secret_inline:
-        os.environ[STORAGE_OPTIONS_ENV] = text  # a local Ray started here inherits it
-    executor = RayExecutor(args.address)
-    if executor.joining and secret_inline:
-        console.print("convert: note: secrets in --storage-options are not sent to Ray "
-                      f"workers; they use {STORAGE_OPTIONS_ENV} or the AWS credentials of "
-                      "the cluster (see README)")
-    return executor, task_options
-
-
-def ray_task_options(text: str, options: dict) -> dict[str, Any]:
-    """Storage-option arguments for Ray tasks: never a secret.
-
-    Ray records task arguments and may write them down (logs, spilled objects), so
-    tasks get only the public options and read the full ones where the driver did:
-    the ``@file`` (by path), or ``FORMATLAB_STORAGE_OPTIONS`` in their environment.
-    """
-    if text.startswith("@"):
-        options_from = "@" + str(Path(text[1:]).expanduser().resolve())
-    else:
-        options_from = ""
-    return {"storage_options": public_options(options), "options_from": options_from}
 
 
 def _warn_recorded_secret(text: str | None, options: dict, console: Any) -> None:
@@ -374,11 +281,15 @@ def _report(console: Any, manifest: Manifest, results: list[ShardResult], wall: 
 def _write_conversions(url: str, options: dict, manifest: Manifest,
                        results: list[ShardResult], wall: float, workers: int,
                        formats: list, console: Any) -> None:
-    """One row per format and split that this job converted shards of; none otherwise.
+    """One row per format and split when this job converted any shard; none otherwise.
 
-    ``encode_time_s`` is encoding alone (into local staging), ``upload_time_s`` the
-    upload into the store; both count only the shards this job wrote.
+    Sizes are the whole split's (so the latest job describes the dataset); times count
+    only the shards this job wrote: ``encode_time_s`` is encoding alone (into local
+    staging), ``upload_time_s`` the upload into the store, both null where it wrote none.
     """
+    if not any(r.encode_time_s for r in results):
+        console.print("[dim]conversions: nothing converted, no rows written[/dim]")
+        return
     job_id = new_id()
     by_id = {f.id: f for f in formats}
     converted_images = sum(r.samples for r in results if r.encode_time_s)
@@ -386,34 +297,31 @@ def _write_conversions(url: str, options: dict, manifest: Manifest,
     for f in manifest.formats:
         for split in manifest.split_names:
             split_results = [r for r in results if r.split == split]
-            done = [r for r in split_results if r.converted(f.id)]
-            if done:
-                rows.append(_conversion_row(manifest, by_id[f.id].describe(), f, split,
-                                            split_results, done) | {
-                    "job_id": job_id, "wall_time_s": wall, "workers": workers,
-                    "images_per_s": converted_images / max(wall, 1e-9)})
-    if not rows:
-        console.print("[dim]conversions: nothing converted, no rows written[/dim]")
-        return
+            rows.append(_conversion_row(manifest, by_id[f.id].describe(), f, split,
+                                        split_results) | {
+                "job_id": job_id, "wall_time_s": wall, "workers": workers,
+                "images_per_s": converted_images / max(wall, 1e-9)})
     write_rows(Store.open(url, options), "conversions", rows, file_id=job_id)
 
 
 def _conversion_row(manifest: Manifest, described: dict, entry: FormatEntry, split: str,
-                    split_results: list[ShardResult], done: list[ShardResult]) -> dict:
+                    split_results: list[ShardResult]) -> dict:
     """The figures of one format and split; sizes are the split's, times this job's."""
     shards = entry.split_shards(split)
     samples = sum(s.samples for s in shards)
     nbytes = sum(s.bytes for s in shards)
     raw = samples * manifest.height * manifest.width * manifest.channels
-    encode = sum(r.encode_time_s[entry.id] for r in done)
+    done = [r for r in split_results if r.converted(entry.id)]
+    encode = sum(r.encode_time_s[entry.id] for r in done) if done else None
     return {
         "finished_at": utc_now(), "dataset": manifest.name, "format": entry.id,
         "split": split, "samples": samples,
         "rejects": sum(len(r.rejects) for r in split_results),
         "bytes": nbytes, "bytes_per_sample": nbytes / max(samples, 1),
         "ratio_to_raw": nbytes / max(raw, 1), "encode_time_s": encode,
-        "encode_images_per_s": sum(r.samples for r in done) / max(encode, 1e-9),
-        "upload_time_s": sum(r.upload_time_s.get(entry.id, 0.0) for r in done),
+        "encode_images_per_s": (sum(r.samples for r in done) / max(encode, 1e-9)
+                                if done else None),
+        "upload_time_s": sum(r.upload_time_s.get(entry.id, 0.0) for r in done) if done else None,
         "shards_converted": len(done), "shards_skipped": len(split_results) - len(done),
         "bits": described.get("bits", 8), "compression": described.get("compression"),
         "image_size": manifest.height}

@@ -562,8 +562,8 @@ def test_rerun_rewrites_only_missing_shards(cifar: datagen.GeneratedCifar, tmp_p
 
 def test_conversion_figures_per_format(cifar: datagen.GeneratedCifar, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
-    """Encode time and rate per format, upload apart; a re-run records only the shards
-    it converted, and one that converts nothing writes no rows."""
+    """Encode time and rate per format, upload apart; a re-run times only the shards it
+    converted (null where none), and one that converts nothing writes no rows."""
     import pandas as pd
 
     store, results = tmp_path / "store", tmp_path / "results"
@@ -582,11 +582,15 @@ def test_conversion_figures_per_format(cifar: datagen.GeneratedCifar, tmp_path: 
     (store / "cifar10" / "png" / "train" / "shard-00001" / INDEX_FILE).unlink()
     assert convert(argv, capsys)[0] == 0
     second = pd.read_parquet(results / "conversions")
-    new = second[~second["job_id"].isin(first["job_id"])]
-    assert list(zip(new["format"], new["split"], new["shards_converted"],
-                    new["shards_skipped"])) == [("png", "train", 1, 3)]
-    assert new["encode_images_per_s"].iloc[0] == pytest.approx(
-        SHARD / new["encode_time_s"].iloc[0])
+    new = second[~second["job_id"].isin(first["job_id"])].set_index(["format", "split"])
+    assert len(new) == 4  # every format and split, sizes whole: the latest job is complete
+    assert list(new["samples"].sort_index()) == [TEST, 5 * PER_BATCH] * 2
+    png = new.loc[("png", "train")]
+    assert (png["shards_converted"], png["shards_skipped"]) == (1, 3)
+    assert png["encode_images_per_s"] == pytest.approx(SHARD / png["encode_time_s"])
+    untouched = new.drop(index=[("png", "train")])
+    assert (untouched["shards_converted"] == 0).all()
+    assert untouched[["encode_time_s", "encode_images_per_s", "upload_time_s"]].isna().all().all()
 
     code, output = convert(argv, capsys)
     assert code == 0 and "nothing converted, no rows written" in flat(output)
@@ -908,7 +912,7 @@ def test_store_outage_mid_conversion(tmp_path: Path) -> None:
 def test_ray_task_arguments_hold_no_secret(tmp_path: Path) -> None:
     """What Ray is given as task arguments (and may write down) holds no secret, for
     options given inline, from a file and nested; the public ones still travel."""
-    from prep.convert import ray_task_options
+    from prep.executors import ray_task_options
 
     secret = "s3cr3t-" + "x" * 20
     options = {"key": "AKIAEXAMPLE0001", "secret": secret, "endpoint_url": "http://h:1",
