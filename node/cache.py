@@ -44,6 +44,7 @@ from filelock import FileLock
 
 from node.errors import UsageError
 from node.loaders.base import ShardSlice
+from shared.killpoint import kill_point
 from shared.manifest import INDEX_FILE, Manifest, ShardEntry
 from shared.shards import read_index
 from shared.storage import (CHECKSUM_ALGO, PathEscapeError, Store, StorageError, check_relative,
@@ -419,6 +420,7 @@ def _commit(tmp: str, want: _Want, digest: str, size: int) -> int | None:
     """Rename a verified download into place; None (and no rename) if it is bad."""
     if digest != want.checksum or (want.size is not None and size != want.size):
         return None
+    kill_point("cache-rename")  # fault tests: verified, not yet renamed
     os.replace(tmp, want.target)
     return size
 
@@ -441,6 +443,7 @@ def _write_all(f: io.RawIOBase, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[f.write(view):]
+        kill_point("cache-download")  # fault tests: a download cut off part-way
 
 
 _tmp_ids = itertools.count()

@@ -14,26 +14,33 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prep.plan import ShardPlan, ShardResult, convert_shard, default_shard_samples, plan_shards
+from prep.executors import make_executor
+from prep.plan import (REJECTS_DIR, ShardPlan, ShardResult, convert_shard,
+                       default_shard_samples, plan_shards)
 from prep.quality import measure_quality, quality_cells, quality_columns
 from prep.sources import SOURCES, SourceError, get_source
 from shared.formats import CATALOG, UnknownFormat, parse_format_list
+from shared.killpoint import kill_point
+from shared.lock import DatasetBusy, DatasetLock
 from shared.manifest import (FormatEntry, Manifest, ManifestError, Reject, ShardEntry,
                              SplitEntry)
 from shared.progress import stdout_console
 from shared.results import new_id, utc_now, write_rows
 from shared.shards import STAGING_DIR
-from shared.storage import (BadStorageOptions, StorageError, Store, one_line,
-                            parse_storage_options, redact, redact_url)
+from shared.storage import (STORAGE_OPTIONS_ENV, BadStorageOptions, StorageError, Store,
+                            has_secrets, one_line, parse_storage_options, redact,
+                            redact_url)
 
 DEFAULT_MAX_REJECTS = 1000
+# Set in a driver that `ray job submit` started (its entrypoint is on record).
+_RAY_JOB_ENV = ("RAY_JOB_CONFIG_JSON_ENV_VAR", "RAY_JOB_ID", "RAY_SUBMISSION_ID")
 
 
 class UsageError(Exception):
@@ -44,9 +51,17 @@ class JobFailed(Exception):
     """The conversion failed: exit 1 with one line."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (exit 2), not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"convert: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of DESIGN section 6."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="prep/convert.py",
         description="Convert a raw image dataset into every storage format (a Ray job).")
     p.add_argument("--source", required=True, choices=sorted(SOURCES),
@@ -71,12 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="N", help="fail the job when more inputs than this are rejected")
     p.add_argument("--results", metavar="URL",
                    help="results store: add the figures to its conversions table")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the sample shuffle")
     p.add_argument("--limit", type=_positive_int, metavar="N",
                    help="convert at most N samples per split (a trial run)")
-    p.add_argument("--storage-options", metavar="JSON",
+    p.add_argument("--storage-options", metavar="JSON|@FILE",
                    help="fsspec options for --src, --dst and --results (e.g. S3 endpoint "
-                        "and keys); the AWS environment is used otherwise")
+                        "and keys), as JSON or @path.json; default: "
+                        f"${STORAGE_OPTIONS_ENV}, else the AWS environment")
     p.add_argument("--address", metavar="RAY_ADDRESS",
                    help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray); "
                         "'inline' runs the tasks in this process without Ray")
@@ -84,77 +100,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
 def _nonneg_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
-
-
-# --------------------------------------------------------------------------- executors
-
-
-class InlineExecutor:
-    """Runs shard tasks one after another in this process (no Ray start-up cost)."""
-
-    workers = 1
-
-    def map(self, fn: Callable[..., ShardResult], plans: Sequence[ShardPlan],
-            **kwargs: Any) -> Iterator[ShardResult]:
-        for plan in plans:
-            yield fn(plan=plan, **kwargs)
-
-    def shutdown(self) -> None:
-        pass
-
-
-class RayExecutor:
-    """One Ray task per shard, retried on failure; results as they complete."""
-
-    def __init__(self, address: str | None) -> None:
-        import ray
-
-        repo = str(Path(__file__).resolve().parents[1])
-        kwargs: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True}
-        joining = bool(address or os.environ.get("RAY_ADDRESS"))
-        if not joining:
-            # A local Ray started here: its workers import prep/shared from this checkout.
-            kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": repo}}
-            kwargs["include_dashboard"] = False
-        ray.init(address=address, **kwargs)
-        self._ray = ray
-        self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        self._task = ray.remote(max_retries=3, retry_exceptions=True)(convert_shard)
-
-    def map(self, fn: Callable[..., ShardResult], plans: Sequence[ShardPlan],
-            **kwargs: Any) -> Iterator[ShardResult]:
-        ray = self._ray
-        shared = {k: ray.put(v) if k == "source" else v for k, v in kwargs.items()}
-        pending = [self._task.remote(plan=plan, **shared) for plan in plans]
-        try:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                yield ray.get(done[0])
-        finally:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-
-    def shutdown(self) -> None:
-        self._ray.shutdown()
 
 
 # --------------------------------------------------------------------------- driver
@@ -166,6 +140,7 @@ def run(args: argparse.Namespace) -> Manifest:
 
     console = Console(stderr=True)
     options = parse_storage_options(args.storage_options)
+    _warn_recorded_secret(args.storage_options, options, console)
     formats = parse_format_list(args.formats)
     name = args.name or args.source
     if args.source == "image-folder" and args.size is None:
@@ -184,34 +159,48 @@ def run(args: argparse.Namespace) -> Manifest:
     plans = plan_shards(listing.items, args.seed, shard_samples, args.limit)
     if not plans:
         raise UsageError(f"no samples found in {redact_url(args.src)}")
+    kill_point("plan")
 
     dst = Store.open(args.dst, options)
-    listing_rejects = [Reject(key=k, reason=r) for k, r in listing.rejects]
-    started = time.perf_counter()
-    executor = InlineExecutor() if args.address == "inline" else RayExecutor(args.address)
-    try:
-        results = _run_tasks(executor, plans, source, args, options, name, formats, size,
-                             max_rejects=args.max_rejects - len(listing_rejects),
-                             console=console)
-        workers = executor.workers
-    finally:
-        executor.shutdown()
-    wall = time.perf_counter() - started
+    with DatasetLock(dst, name):  # one job per dataset: a second one is refused
+        listing_rejects = [Reject(key=k, reason=r) for k, r in listing.rejects]
+        started = time.perf_counter()
+        executor, task_options = make_executor(args.address, args.storage_options,
+                                               options, console)
+        try:
+            results = _run_tasks(executor, plans, source, args, task_options, name, formats,
+                                 size, max_rejects=args.max_rejects - len(listing_rejects),
+                                 console=console)
+            workers = executor.workers
+        finally:
+            executor.shutdown()
+        wall = time.perf_counter() - started
 
-    manifest = _manifest(args, name, listing, size, shard_samples, formats, results,
-                         listing_rejects)
-    manifest.save(dst)
-    dst.delete(f"{name}/{STAGING_DIR}", recursive=True)
-    quality = measure_quality(source, plans, formats, size)
-    _report(console, manifest, results, wall, quality)
-    if args.results:
-        _write_conversions(args.results, options, manifest, results, wall, workers, formats,
-                           quality=quality)
+        manifest = _manifest(args, name, listing, size, shard_samples, formats, results,
+                             listing_rejects)
+        dst.delete(f"{name}/{STAGING_DIR}", recursive=True)
+        for folder in (name, *{f"{name}/{REJECTS_DIR}/{p.split}" for p in plans}):
+            dst.sweep_temp(folder)  # what killed writes of earlier attempts left behind
+        manifest.save(dst)
+        quality = measure_quality(source, plans, formats, size)
+        _report(console, manifest, results, wall, quality)
+        if args.results:
+            _write_conversions(args.results, options, manifest, results, wall, workers,
+                               formats, console, quality=quality)
     return manifest
 
 
+def _warn_recorded_secret(text: str | None, options: dict, console: Any) -> None:
+    """Say once that Ray has recorded a secret given on a job's command line."""
+    in_ray_job = any(os.environ.get(k) for k in _RAY_JOB_ENV)
+    if in_ray_job and text and not text.startswith("@") and has_secrets(options):
+        console.print("convert: warning: Ray has recorded this job's entrypoint, secrets in "
+                      "--storage-options included (job info, driver log); pass "
+                      f"--storage-options @file.json or set {STORAGE_OPTIONS_ENV} instead")
+
+
 def _run_tasks(executor: Any, plans: Sequence[ShardPlan], source: Any,
-               args: argparse.Namespace, options: dict, name: str, formats: list,
+               args: argparse.Namespace, task_options: dict, name: str, formats: list,
                size: int, *, max_rejects: int, console: Any) -> list[ShardResult]:
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn)
@@ -226,8 +215,8 @@ def _run_tasks(executor: Any, plans: Sequence[ShardPlan], source: Any,
         task = progress.add_task("shards", total=len(plans), rate="")
         images = 0
         for result in executor.map(convert_shard, plans, source=source, dst_url=args.dst,
-                                   storage_options=options, dataset=name,
-                                   format_ids=[f.id for f in formats], size=size):
+                                   dataset=name, format_ids=[f.id for f in formats],
+                                   size=size, **task_options):
             results.append(result)
             rejected += len(result.rejects)
             images += result.samples + len(result.rejects)
@@ -329,29 +318,53 @@ def _report(console: Any, manifest: Manifest, results: list[ShardResult], wall: 
 
 def _write_conversions(url: str, options: dict, manifest: Manifest,
                        results: list[ShardResult], wall: float, workers: int,
-                       formats: list, quality: dict | None = None) -> None:
+                       formats: list, console: Any, quality: dict | None = None) -> None:
+    """One row per format and split when this job converted any shard; none otherwise.
+
+    Sizes are the whole split's (so the latest job describes the dataset); times count
+    only the shards this job wrote: ``encode_time_s`` is encoding alone (into local
+    staging), ``upload_time_s`` the upload into the store, both null where it wrote none.
+    Lossy formats carry PSNR/SSIM against the decoded source (``quality``).
+    """
+    if not any(r.encode_time_s for r in results):
+        console.print("[dim]conversions: nothing converted, no rows written[/dim]")
+        return
     job_id = new_id()
-    rows = []
     by_id = {f.id: f for f in formats}
+    converted_images = sum(r.samples for r in results if r.encode_time_s)
+    rows = []
     for f in manifest.formats:
-        described = by_id[f.id].describe()
         for split in manifest.split_names:
-            shards = f.split_shards(split)
-            samples = sum(s.samples for s in shards)
-            nbytes = sum(s.bytes for s in shards)
-            raw = samples * manifest.height * manifest.width * manifest.channels
-            encode = sum(r.encode_time_s.get(f.id, 0.0) for r in results if r.split == split)
-            rows.append({
-                "job_id": job_id, "finished_at": utc_now(), "dataset": manifest.name,
-                "format": f.id, "split": split, "samples": samples,
-                "rejects": sum(len(r.rejects) for r in results if r.split == split),
-                "bytes": nbytes, "bytes_per_sample": nbytes / max(samples, 1),
-                "ratio_to_raw": nbytes / max(raw, 1), "encode_time_s": encode,
-                "wall_time_s": wall, "images_per_s": samples / max(wall, 1e-9),
-                "workers": workers, "bits": described.get("bits", 8),
-                "compression": described.get("compression"), "image_size": manifest.height,
-                **quality_columns(by_id[f.id], (quality or {}).get((f.id, split)))})
+            split_results = [r for r in results if r.split == split]
+            rows.append(_conversion_row(manifest, by_id[f.id].describe(), f, split,
+                                        split_results) | {
+                "job_id": job_id, "wall_time_s": wall, "workers": workers,
+                "images_per_s": converted_images / max(wall, 1e-9)}
+                | quality_columns(by_id[f.id], (quality or {}).get((f.id, split))))
     write_rows(Store.open(url, options), "conversions", rows, file_id=job_id)
+
+
+def _conversion_row(manifest: Manifest, described: dict, entry: FormatEntry, split: str,
+                    split_results: list[ShardResult]) -> dict:
+    """The figures of one format and split; sizes are the split's, times this job's."""
+    shards = entry.split_shards(split)
+    samples = sum(s.samples for s in shards)
+    nbytes = sum(s.bytes for s in shards)
+    raw = samples * manifest.height * manifest.width * manifest.channels
+    done = [r for r in split_results if r.converted(entry.id)]
+    encode = sum(r.encode_time_s[entry.id] for r in done) if done else None
+    return {
+        "finished_at": utc_now(), "dataset": manifest.name, "format": entry.id,
+        "split": split, "samples": samples,
+        "rejects": sum(len(r.rejects) for r in split_results),
+        "bytes": nbytes, "bytes_per_sample": nbytes / max(samples, 1),
+        "ratio_to_raw": nbytes / max(raw, 1), "encode_time_s": encode,
+        "encode_images_per_s": (sum(r.samples for r in done) / max(encode, 1e-9)
+                                if done else None),
+        "upload_time_s": sum(r.upload_time_s.get(entry.id, 0.0) for r in done) if done else None,
+        "shards_converted": len(done), "shards_skipped": len(split_results) - len(done),
+        "bits": described.get("bits", 8), "compression": described.get("compression"),
+        "image_size": manifest.height}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -361,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(args)
         return 0
-    except (UsageError, SourceError, UnknownFormat, BadStorageOptions) as exc:
+    except (UsageError, SourceError, UnknownFormat, BadStorageOptions, DatasetBusy) as exc:
         _fail(args, exc)
         return 2
     except FileNotFoundError as exc:

@@ -21,8 +21,8 @@ from prep.sources.base import Source, SourceItem
 from prep.transform import RejectError, prepare_image
 from shared.formats import get_format
 from shared.manifest import Reject, ShardEntry
-from shared.shards import committed_shard, write_shard
-from shared.storage import Store, redact
+from shared.shards import commit_shard, committed_shard, stage_shard
+from shared.storage import Store, parse_storage_options, redact
 
 SHARD_TARGET_BYTES = 64 << 20
 REJECTS_DIR = "_rejects"
@@ -51,8 +51,13 @@ class ShardResult:
     entries: dict[str, ShardEntry]
     rejects: list[Reject]
     decode_time_s: float = 0.0
-    encode_time_s: dict[str, float] = field(default_factory=dict)
+    encode_time_s: dict[str, float] = field(default_factory=dict)  # per format converted
+    upload_time_s: dict[str, float] = field(default_factory=dict)
     skipped: bool = False
+
+    def converted(self, format_id: str) -> bool:
+        """True when this job wrote this shard of ``format_id`` (not resumed)."""
+        return format_id in self.encode_time_s
 
 
 def default_shard_samples(height: int, width: int, channels: int = 3) -> int:
@@ -93,13 +98,18 @@ def _rejects_rel(plan: ShardPlan) -> str:
 
 def convert_shard(source: Source, plan: ShardPlan, *, dst_url: str,
                   storage_options: Mapping[str, Any], dataset: str,
-                  format_ids: Sequence[str], size: int) -> ShardResult:
+                  format_ids: Sequence[str], size: int,
+                  options_from: str | None = None) -> ShardResult:
     """Decode the shard's images once and commit the shard in every format.
 
     Formats whose shard is already committed (same samples) are skipped; when all
     are, nothing is decoded. Never fails on one bad image: it becomes a reject.
+    ``options_from`` (a Ray task): where this worker reads the full storage options
+    (``@path``, or ``""`` for ``FORMATLAB_STORAGE_OPTIONS``), so that secrets never
+    travel as task arguments; ``storage_options`` then holds only the public ones.
     """
-    store = Store.open(dst_url, storage_options).sub(dataset)
+    full = parse_storage_options(options_from) if options_from is not None else {}
+    store = Store.open(dst_url, full or storage_options).sub(dataset)
     rejects_rel = _rejects_rel(plan)
     planned_keys = [it.key for it in plan.items]
     known_rejects = _read_rejects(store, rejects_rel)
@@ -135,15 +145,21 @@ def convert_shard(source: Source, plan: ShardPlan, *, dst_url: str,
               else np.zeros((0, size, size, 3), dtype=np.uint8))
     label_arr = np.asarray(labels, dtype=np.int64)
     encode_time: dict[str, float] = {}
+    upload_time: dict[str, float] = {}
     for fid in format_ids:
         if fid in entries and known_rejects == rejects:
             continue
+        # Encode (into local staging) and upload (into the store) are timed apart.
         t1 = time.perf_counter()
-        entries[fid] = write_shard(store, get_format(fid), plan.split, plan.index, keys,
-                                   pixels, label_arr)
-        encode_time[fid] = time.perf_counter() - t1
+        staged = stage_shard(store, get_format(fid), plan.split, plan.index, keys, pixels,
+                             label_arr)
+        t2 = time.perf_counter()
+        entries[fid] = commit_shard(store, staged)
+        encode_time[fid] = t2 - t1
+        upload_time[fid] = time.perf_counter() - t2
     return ShardResult(plan.split, plan.index, len(keys), entries, rejects,
-                       decode_time_s=decode_time, encode_time_s=encode_time)
+                       decode_time_s=decode_time, encode_time_s=encode_time,
+                       upload_time_s=upload_time)
 
 
 def _read_rejects(store: Store, rel: str) -> list[Reject] | None:

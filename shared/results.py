@@ -150,6 +150,10 @@ CONVERSIONS = pa.schema([
     ("psnr_db", pa.float64()),  # lossy formats: against the decoded source; null if lossless
     ("ssim", pa.float64()),  # mean SSIM (Wang et al., 11x11 Gaussian); null if lossless
     ("chroma_subsampling", pa.string()),  # "4:2:0", "4:4:4"
+    ("encode_images_per_s", pa.float64()),  # this job's shards of this format: samples / encode
+    ("upload_time_s", pa.float64()),   # staging -> store, apart from encode_time_s
+    ("shards_converted", pa.int32()),  # shards of this format and split written by this job
+    ("shards_skipped", pa.int32()),    # already committed, resumed
 ])
 
 TABLES: Mapping[str, pa.Schema] = {"runs": RUNS, "epochs": EPOCHS, "conversions": CONVERSIONS}

@@ -16,13 +16,16 @@ import posixpath
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shared.formats.base import Format, FormatKind
+from shared.killpoint import kill_point
 from shared.manifest import INDEX_FILE, FileEntry, ShardEntry
 from shared.storage import Store, check_relative, checksum_bytes, checksum_file
 
@@ -35,6 +38,17 @@ def shard_path(format_id: str, split: str, index: int) -> str:
     return f"{format_id}/{split}/shard-{index:05d}"
 
 
+@dataclass
+class StagedShard:
+    """A shard encoded in a local staging folder, not yet in the store."""
+
+    rel: str
+    stage: Path
+    index_bytes: bytes
+    entry: ShardEntry
+    in_place_staging: bool  # staged beside the target: one rename puts it in place
+
+
 def write_shard(dataset: Store, fmt: Format, split: str, index: int, keys: Sequence[str],
                 images: np.ndarray, labels: np.ndarray, *,
                 staging_dir: str | None = None) -> ShardEntry:
@@ -43,57 +57,88 @@ def write_shard(dataset: Store, fmt: Format, split: str, index: int, keys: Seque
     Any leftovers of an earlier, uncommitted attempt are removed first. The data files
     are uploaded, then the index; the index's presence commits the shard.
     """
+    staged = stage_shard(dataset, fmt, split, index, keys, images, labels,
+                         staging_dir=staging_dir)
+    return commit_shard(dataset, staged)
+
+
+def stage_shard(dataset: Store, fmt: Format, split: str, index: int, keys: Sequence[str],
+                images: np.ndarray, labels: np.ndarray, *,
+                staging_dir: str | None = None) -> StagedShard:
+    """Encode one shard of ``fmt`` into a staging folder and build its index (no upload)."""
     rel = shard_path(fmt.id, split, index)
     labels = np.asarray(labels, dtype=np.int64)
     if len(keys) != len(images) or len(labels) != len(images):
         raise ValueError(f"{rel}: {len(keys)} keys, {len(images)} images, {len(labels)} labels")
-    dataset.delete(rel, recursive=True)
-    if dataset.is_local and staging_dir is None:
+    in_place = dataset.is_local and staging_dir is None
+    if in_place:
         # Stage beside the target so the finished folder moves into place by one rename.
         staging_dir = dataset.path(STAGING_DIR)
         os.makedirs(staging_dir, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix="shard-", dir=staging_dir))
     try:
         sample_files = fmt.write_shard(stage, np.ascontiguousarray(images), labels)
-        listed = {s.file for s in sample_files or ()}
-        extras = tuple(
-            FileEntry(path=p.relative_to(stage).as_posix(), bytes=p.stat().st_size,
-                      checksum=checksum_file(p))
-            for p in sorted(stage.rglob("*")) if p.is_file()
-            and p.relative_to(stage).as_posix() not in listed
-        )
-        columns: dict[str, pa.Array] = {
-            "key": pa.array(list(keys), pa.string()),
-            "label": pa.array(labels, pa.int64()),
-        }
-        if fmt.kind is FormatKind.FILES:
-            if sample_files is None or len(sample_files) != len(keys):
-                raise RuntimeError(f"{fmt.id}: writer returned no per-sample file list")
-            columns["file"] = pa.array([s.file for s in sample_files], pa.string())
-            columns["bytes"] = pa.array([s.bytes for s in sample_files], pa.int64())
-            columns["checksum"] = pa.array([s.checksum for s in sample_files], pa.string())
-        data_bytes = sum(e.bytes for e in extras) + sum(s.bytes for s in sample_files or ())
-        meta = {"format": fmt.id, "split": split, "index": index, "data_bytes": data_bytes,
-                "files": [{"path": e.path, "bytes": e.bytes, "checksum": e.checksum}
-                          for e in extras]}
-        table = pa.table(columns).replace_schema_metadata({_META_KEY: json.dumps(meta)})
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        index_bytes = buf.getvalue()
-
-        if dataset.is_local and Path(staging_dir or "").resolve() == Path(
-                dataset.path(STAGING_DIR)).resolve():
-            target = Path(dataset.path(rel))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(stage, target)
-        else:
-            dataset.put_dir(stage, rel)
-        dataset.write_bytes(posixpath.join(rel, INDEX_FILE), index_bytes)
-    finally:
+        index_bytes, extras, data_bytes = _build_index(fmt, stage, split, index, keys,
+                                                       labels, sample_files)
+    except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
-    return ShardEntry(split=split, index=index, samples=len(keys),
-                      bytes=data_bytes + len(index_bytes), path=rel,
-                      index_checksum=checksum_bytes(index_bytes), files=extras)
+        raise
+    kill_point("shard-stage")
+    entry = ShardEntry(split=split, index=index, samples=len(keys),
+                       bytes=data_bytes + len(index_bytes), path=rel,
+                       index_checksum=checksum_bytes(index_bytes), files=extras)
+    return StagedShard(rel, stage, index_bytes, entry, in_place)
+
+
+def _build_index(fmt: Format, stage: Path, split: str, index: int, keys: Sequence[str],
+                 labels: np.ndarray, sample_files: Sequence[Any] | None
+                 ) -> tuple[bytes, tuple[FileEntry, ...], int]:
+    """The index bytes of a staged shard, its non-sample files, and its data bytes."""
+    listed = {s.file for s in sample_files or ()}
+    extras = tuple(
+        FileEntry(path=p.relative_to(stage).as_posix(), bytes=p.stat().st_size,
+                  checksum=checksum_file(p))
+        for p in sorted(stage.rglob("*")) if p.is_file()
+        and p.relative_to(stage).as_posix() not in listed
+    )
+    columns: dict[str, pa.Array] = {
+        "key": pa.array(list(keys), pa.string()),
+        "label": pa.array(labels, pa.int64()),
+    }
+    if fmt.kind is FormatKind.FILES:
+        if sample_files is None or len(sample_files) != len(keys):
+            raise RuntimeError(f"{fmt.id}: writer returned no per-sample file list")
+        columns["file"] = pa.array([s.file for s in sample_files], pa.string())
+        columns["bytes"] = pa.array([s.bytes for s in sample_files], pa.int64())
+        columns["checksum"] = pa.array([s.checksum for s in sample_files], pa.string())
+    data_bytes = sum(e.bytes for e in extras) + sum(s.bytes for s in sample_files or ())
+    meta = {"format": fmt.id, "split": split, "index": index, "data_bytes": data_bytes,
+            "files": [{"path": e.path, "bytes": e.bytes, "checksum": e.checksum}
+                      for e in extras]}
+    table = pa.table(columns).replace_schema_metadata({_META_KEY: json.dumps(meta)})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue(), extras, data_bytes
+
+
+def commit_shard(dataset: Store, staged: StagedShard) -> ShardEntry:
+    """Put a staged shard's data in place, then its index (the commit); staging removed.
+
+    Leftovers of an earlier, uncommitted attempt at the same shard are removed first.
+    """
+    try:
+        dataset.delete(staged.rel, recursive=True)
+        if staged.in_place_staging:
+            target = Path(dataset.path(staged.rel))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged.stage, target)
+        else:
+            dataset.put_dir(staged.stage, staged.rel)
+        kill_point("shard-data")
+        dataset.write_bytes(posixpath.join(staged.rel, INDEX_FILE), staged.index_bytes)
+    finally:
+        shutil.rmtree(staged.stage, ignore_errors=True)
+    return staged.entry
 
 
 def committed_shard(dataset: Store, format_id: str, split: str, index: int,

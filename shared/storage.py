@@ -25,6 +25,8 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from shared.killpoint import kill_point, write_point
+
 CHECKSUM_ALGO = "blake2b"
 _CHUNK = 4 << 20
 
@@ -129,24 +131,55 @@ def redact_url(url: str) -> str:
 # --------------------------------------------------------------------------- options
 
 
+STORAGE_OPTIONS_ENV = "FORMATLAB_STORAGE_OPTIONS"
+
+
 def parse_storage_options(text: str | None) -> dict[str, Any]:
-    """Parse ``--storage-options`` JSON; the AWS environment is used by s3fs itself.
+    """``--storage-options``: JSON, ``@path.json``, or (when absent) the same taken from
+    ``FORMATLAB_STORAGE_OPTIONS``; the AWS environment is used by s3fs itself.
+
+    A file or the environment keeps secrets out of command lines, which Ray records
+    for a job's entrypoint.
 
     Raises:
-        BadStorageOptions: ``text`` is not a JSON object (message holds no secret).
+        BadStorageOptions: not a JSON object, or an unreadable file (no secret shown).
     """
+    where = "--storage-options"
+    if not text:
+        text, where = os.environ.get(STORAGE_OPTIONS_ENV, ""), STORAGE_OPTIONS_ENV
     if not text:
         return {}
+    if text.startswith("@"):
+        where = f"{where} file {text[1:]}"
+        try:
+            text = Path(text[1:]).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BadStorageOptions(f"{where}: cannot read: {type(exc).__name__}") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadStorageOptions(
-            f"--storage-options is not valid JSON (line {exc.lineno}, column {exc.colno})"
-        ) from None
+            f"{where} is not valid JSON (line {exc.lineno}, column {exc.colno})") from None
     if not isinstance(value, dict):
-        raise BadStorageOptions("--storage-options must be a JSON object")
+        raise BadStorageOptions(f"{where} must be a JSON object")
     _register_option_secrets(value)
     return value
+
+
+def has_secrets(options: Mapping[str, Any]) -> bool:
+    """True when ``options`` hold a secret-looking key (at any depth)."""
+    return public_options(options) != dict(options)
+
+
+def public_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` without secret-looking keys (at any depth), safe to hand to Ray."""
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            out[key] = public_options(value)
+        elif not (isinstance(value, str) and _SECRET_OPTION_KEYS.search(key)):
+            out[key] = value
+    return out
 
 
 def _s3_defaults(options: dict[str, Any]) -> dict[str, Any]:
@@ -336,9 +369,11 @@ class Store:
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write a whole object atomically (local: temp + rename; object stores: one PUT)."""
         target = self.path(rel)
+        point = write_point(rel)
         if self.is_local:
-            self._call("write", rel, _atomic_local_write, target, data)
+            self._call("write", rel, _atomic_local_write, target, data, point)
         else:
+            kill_point(point)  # a PUT cut off before it completes
             self._call("write", rel, self.fs.pipe_file, target, data)
 
     def write_json(self, rel: str, value: Any) -> None:
@@ -370,6 +405,16 @@ class Store:
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"cannot delete {self._show(rel)}: {redact(exc)}") from None
 
+    def sweep_temp(self, rel: str = "") -> int:
+        """Remove the temporary files of killed atomic writes directly in ``rel``; returns
+        how many. Only for a writer that holds the folder (nothing else writes there)."""
+        if not self.is_local:
+            return 0  # object stores write whole objects: nothing to sweep
+        stale = [f for f in self.list(rel) if _TMP_NAME.match(posixpath.basename(f))]
+        for f in stale:
+            self.delete(f)
+        return len(stale)
+
     # -- helpers
     def _show(self, rel: str) -> str:
         return redact_url(self.url_of(rel) if rel else self.url)
@@ -389,17 +434,23 @@ class Store:
             ) from None
 
 
+_TMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{12}$")
+
+
 def _tmp_name(target: str) -> str:
     head, tail = os.path.split(target)
     return os.path.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:12]}")
 
 
-def _atomic_local_write(target: str, data: bytes) -> None:
+def _atomic_local_write(target: str, data: bytes, point: str = "write") -> None:
     os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
     tmp = _tmp_name(target)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            f.write(data[:len(data) // 2])
+            f.flush()
+            kill_point(point)  # fault tests: a writer killed with half its bytes out
+            f.write(data[len(data) // 2:])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)

@@ -241,3 +241,45 @@ def start_ray() -> Iterator[Callable[..., RayHead]]:
     yield start
     for head in heads:
         head.stop()
+
+
+# --------------------------------------------------------------------------- full disk
+
+
+@dataclass
+class SmallFs:
+    """A tmpfs of a given size mounted for one test (a real ENOSPC when it fills)."""
+
+    path: Path
+
+    def resize(self, size: str) -> None:
+        """Grow (or shrink) it in place; contents stay."""
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(self.path)], check=True,
+                       capture_output=True)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Callable[[str], SmallFs]]:
+    """Mount tmpfs file systems of a given size (``"2m"``); unmounted after the test.
+
+    Where mounting is refused the test is skipped, except as root under CI (``CI`` set),
+    where the fault is supposed to be set up and a refusal fails the test.
+    """
+    mounted: list[Path] = []
+
+    def mount(size: str) -> SmallFs:
+        path = tmp_path / f"fs{len(mounted)}"
+        path.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                               str(path)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            why = f"cannot mount a {size} tmpfs: {proc.stderr.strip()}"
+            if os.geteuid() == 0 and os.environ.get("CI"):
+                pytest.fail(why + " (root under CI: the full-disk fault must run here)")
+            pytest.skip(why)
+        mounted.append(path)
+        return SmallFs(path)
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

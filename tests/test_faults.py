@@ -41,7 +41,7 @@ from click.testing import CliRunner
 
 from node.cli import cli
 from prep.datagen import make_cifar10_python
-from shared.manifest import INDEX_FILE, MANIFEST_FILE, Manifest
+from shared.manifest import INDEX_FILE, MANIFEST_FILE, Manifest, ManifestError
 from shared.shards import read_index
 from shared.storage import Store, checksum_bytes, checksum_file
 
@@ -250,15 +250,13 @@ def test_store_outage_mid_cache_fill(start_s3: Callable[[], Any], tmp_path: Path
         server.stop()  # the fault: the store goes away mid-fill
         out, err = proc.communicate(timeout=240)
         assert running_at_stop, "the fill finished before the server stopped"
-        assert proc.returncode in (0, 1), err
-        if proc.returncode == 1:
-            line = one_error_line(err)
-            assert "s3://outage/store/cifar10/png/" in line, line
+        assert proc.returncode == 1, err  # stopped at its first file: 600 were left
+        line = one_error_line(err)
+        assert "s3://outage/store/cifar10/png/" in line, line
         assert server.secret not in out + err
         # Nothing half-written was committed: every cached file is a verified one.
-        valid_before, _ = check_cached_format(cache, manifest, "png",
-                                              complete=proc.returncode == 0)
-        assert 0 < valid_before < total or proc.returncode == 0
+        valid_before, _ = check_cached_format(cache, manifest, "png", complete=False)
+        assert 0 < valid_before < total
 
         restarted = start_s3_server(server.root, port)
         done = agent(*args, env=restarted.env(), timeout=240)
@@ -547,3 +545,226 @@ def test_multi_line_store_error_keeps_its_reason(s3_server: Any, tmp_path: Path)
     line = one_error_line(result.stderr)
     assert s3_server.secret not in line
     assert "Invalid bucket name" in line, line
+
+
+# --------------------------------------------------------------------------- 6. killed fills
+
+CACHE_KILLS = [("cache-download", 40), ("cache-rename", 1), ("cache-rename", 103)]
+
+
+@pytest.mark.parametrize(("point", "nth"), CACHE_KILLS, ids=[f"{p}-{n}" for p, n in CACHE_KILLS])
+def test_cache_fill_killed_at_point_resumes(local_store: Path, tmp_path: Path, point: str,
+                                            nth: int) -> None:
+    """``node-agent cache`` SIGKILLs itself mid-download or between verify and rename
+    (FORMATLAB_KILL_AT): only verified files carry their names, and a re-run completes
+    every file, re-using what was cached and leaving no temporary behind."""
+    manifest = Manifest.load(Store.open(str(local_store)), DATASET)
+    cache = tmp_path / "cache"
+    args = ["cache", "--store", str(local_store), "--dataset", DATASET, "--format", "png",
+            "--cache", str(cache)]
+    state = tmp_path / "kill-state"
+    killed = agent(*args, env={**os.environ, "FORMATLAB_KILL_AT": f"{point}:{nth}",
+                               "FORMATLAB_KILL_STATE": str(state)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert int((state / f"{point}.count").read_bytes()) == nth
+    check_cached_format(cache, manifest, "png", complete=False)
+    done = agent(*args)
+    assert done.returncode == 0, done.stderr
+    valid, temps = check_cached_format(cache, manifest, "png", complete=True)
+    assert valid == sum(s.samples + 1 + len(s.files) for s in manifest.format("png").shards)
+    assert temps == 0 and not [p for p in cache.rglob("*") if is_temp(p.name)]
+
+
+# --------------------------------------------------------------------------- 7. fuzzed input
+
+FUZZ_SEED = 20261201
+
+
+def _mutations(raw: bytes, data: dict[str, Any], rng: Any, count: int) -> list[tuple[str, bytes]]:
+    """Seeded damage to a manifest: truncations, byte flips, and fields deleted or given
+    a value of the wrong type (at every depth)."""
+    out: list[tuple[str, bytes]] = []
+    paths: list[tuple] = []
+
+    def walk(node: Any, path: tuple) -> None:
+        paths.append(path)
+        items = node.items() if isinstance(node, dict) else enumerate(node) \
+            if isinstance(node, list) else ()
+        for key, child in items:
+            walk(child, (*path, key))
+
+    walk(data, ())
+    wrong = [None, 7, -1, 3.5, "x", "", [], {}, True, [1, "a"], {"k": 1}]
+    for i in range(count):
+        kind = ("truncate", "flip", "retype", "delete")[i % 4]
+        if kind == "truncate":
+            cut = int(rng.integers(0, len(raw)))
+            out.append((f"truncate@{cut}", raw[:cut]))
+        elif kind == "flip":
+            buf = bytearray(raw)
+            for pos in rng.integers(0, len(raw), size=int(rng.integers(1, 6))):
+                buf[pos] = int(rng.integers(0, 256))
+            out.append(("flip", bytes(buf)))
+        else:
+            path = paths[int(rng.integers(1, len(paths)))]
+            copy = json.loads(raw)
+            node = copy
+            for key in path[:-1]:
+                node = node[key]
+            if kind == "delete":
+                del node[path[-1]]
+            else:
+                node[path[-1]] = wrong[int(rng.integers(0, len(wrong)))]
+            out.append((f"{kind} {'.'.join(map(str, path))}", json.dumps(copy).encode()))
+    return out
+
+
+def test_fuzzed_manifests_are_refused_or_read(local_store: Path) -> None:
+    """400 seeded mutations of a real manifest: each is read (a harmless change) or
+    refused with ManifestError naming the manifest or the field; nothing else escapes."""
+    import numpy as np
+
+    raw = (local_store / DATASET / MANIFEST_FILE).read_bytes()
+    refused = 0
+    for what, text in _mutations(raw, json.loads(raw), np.random.default_rng(FUZZ_SEED), 400):
+        try:
+            Manifest.from_json(text)
+        except ManifestError as exc:
+            refused += 1
+            assert "\n" not in str(exc) and ("manifest" in str(exc)), (what, exc)
+        except Exception as exc:  # noqa: BLE001 - the point: nothing else may escape
+            raise AssertionError(f"{what}: {type(exc).__name__}: {exc}") from None
+    assert refused > 300
+
+
+def test_fuzzed_manifests_refused_by_the_cli(private_store: Path, tmp_path: Path) -> None:
+    """Through ``node-agent cache`` (in-process): every mutation the parser refuses is
+    exit 2 with one line naming the manifest, no traceback, nothing cached."""
+    import numpy as np
+
+    path = private_store / DATASET / MANIFEST_FILE
+    raw = path.read_bytes()
+    rng = np.random.default_rng(FUZZ_SEED + 1)
+    tried = 0
+    for what, text in _mutations(raw, json.loads(raw), rng, 60):
+        try:
+            Manifest.from_json(text)
+            continue  # harmless: covered by the reading tests
+        except ManifestError:
+            pass
+        path.write_bytes(text)
+        cache = tmp_path / f"cache-{tried}"
+        result = agent_in_process("cache", "--store", str(private_store), "--dataset",
+                                  DATASET, "--format", "png", "--cache", str(cache))
+        assert result.exit_code == 2, (what, result.output)
+        line = one_error_line(result.stderr)
+        assert "manifest" in line, (what, line)
+        assert not cache.exists() or not any(p.is_file() for p in cache.rglob("*")), what
+        tried += 1
+    assert tried > 30
+
+
+def test_fuzzed_indexes_are_rewritten_by_a_rerun(small_archive: Path, tmp_path: Path) -> None:
+    """Seeded damage to committed shard indexes (truncated, bytes flipped, wrong-typed
+    columns): a re-run of the conversion treats each as uncommitted and rewrites that
+    shard; the dataset ends exact."""
+    import numpy as np
+
+    store = tmp_path / "store"
+    convert_inline(small_archive, str(store), "png,npy", 20)
+    rng = np.random.default_rng(FUZZ_SEED + 2)
+    indexes = sorted((store / DATASET).rglob(INDEX_FILE))
+    (store / DATASET / MANIFEST_FILE).unlink()
+    for i, index in enumerate(indexes):
+        raw = index.read_bytes()
+        kind = i % 3
+        if kind == 0:
+            index.write_bytes(raw[:int(rng.integers(0, len(raw)))])
+        elif kind == 1:
+            buf = bytearray(raw)
+            for pos in rng.integers(0, len(raw), size=8):
+                buf[pos] ^= 0xFF
+            index.write_bytes(bytes(buf))
+        else:
+            table = pq.read_table(index)
+            bad = table.set_column(0, "key", pa.array(range(len(table)), pa.int64()))
+            pq.write_table(bad, index)
+    convert_inline(small_archive, str(store), "png,npy", 20)
+    manifest = Manifest.load(Store.open(str(store)), DATASET)
+    for entry in manifest.format("png").shards + manifest.format("npy").shards:
+        index = store / DATASET / entry.path / INDEX_FILE
+        assert checksum_file(index) == entry.index_checksum
+        keys = read_index(index).column("key").to_pylist()
+        assert len(keys) == entry.samples and all(isinstance(k, str) for k in keys)
+    assert sum(s.samples for s in manifest.splits) == 120
+
+
+# --------------------------------------------------------------------------- 8. full disk
+
+
+def test_full_store_disk_mid_conversion(small_fs: Callable[[str], Any],
+                                        small_archive: Path) -> None:
+    """The destination file system fills up during the conversion (a real 1 MiB tmpfs):
+    exit 1 with one line saying so, no manifest, no index without its data; once it
+    has room, the re-run completes exactly."""
+    fs = small_fs("1m")
+    store = fs.path / "store"
+    argv = [sys.executable, CONVERT, "--source", "cifar10", "--src", str(small_archive),
+            "--dst", str(store), "--formats", "bmp,png,npy,tiff", "--shard-samples", "20",
+            "--address", "inline"]
+    proc = run_process(argv, timeout=240)
+    assert proc.returncode == 1, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr and line.startswith("convert: error:"), proc.stderr
+    assert "No space left" in line, line
+    dataset = store / DATASET
+    assert not (dataset / MANIFEST_FILE).exists()
+    for index in dataset.rglob(INDEX_FILE):
+        if ".staging" not in index.parts:
+            table = read_index(index)
+            if "file" in table.column_names:
+                assert all((index.parent / f).is_file() for f in table.column("file").to_pylist())
+
+    fs.resize("64m")
+    done = run_process(argv, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = Manifest.load(Store.open(str(store)), DATASET)
+    assert sum(s.samples for s in manifest.splits) == 120
+    for f in manifest.formats:
+        for entry in f.shards:
+            assert checksum_file(dataset / entry.path / INDEX_FILE) == entry.index_checksum
+    assert not (dataset / ".staging").exists()
+
+
+def test_results_store_outage_mid_conversion(start_s3: Callable[[], Any], small_archive: Path,
+                                             tmp_path: Path) -> None:
+    """The S3 results store stops while the conversion runs: exit 1 with one line naming
+    the results store, the dataset itself committed, no partial results file; the re-run
+    completes (exit 0) with nothing left to convert."""
+    server = start_s3()
+    results = server.bucket("res") + "/results"
+    store = tmp_path / "store"
+    argv = [sys.executable, CONVERT, "--source", "cifar10", "--src", str(small_archive),
+            "--dst", str(store), "--formats", "png,npy,bmp,tiff", "--shard-samples", "10",
+            "--address", "inline", "--results", results]
+    proc = subprocess.Popen(argv, cwd=REPO, env=server.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any((store / DATASET).rglob(INDEX_FILE)) if store.exists() else True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.01)
+        server.stop()
+        out, err = proc.communicate(timeout=240)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 1, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("convert: error:") and "Traceback" not in err, err
+    assert "s3://res/results" in line, line
+    assert server.secret not in out + err
+    assert (store / DATASET / MANIFEST_FILE).exists()
+    assert not list((server.root / "res").rglob("*.parquet"))
+    done = run_process(argv, env=server.env(), timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "nothing converted" in done.stderr

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import zipfile
 from collections import Counter
@@ -560,6 +561,43 @@ def test_rerun_rewrites_only_missing_shards(cifar: datagen.GeneratedCifar, tmp_p
     assert code == 0 and "5 shards (5 already committed)" in flat(output)
 
 
+def test_conversion_figures_per_format(cifar: datagen.GeneratedCifar, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Encode time and rate per format, upload apart; a re-run times only the shards it
+    converted (null where none), and one that converts nothing writes no rows."""
+    import pandas as pd
+
+    store, results = tmp_path / "store", tmp_path / "results"
+    argv = cifar_args(cifar.path, store, "png,npy", "--results", str(results))
+    assert convert(argv, capsys)[0] == 0
+    first = pd.read_parquet(results / "conversions")
+    assert len(first) == 4 and (first["shards_skipped"] == 0).all()
+    assert dict(zip(first["split"], first["shards_converted"])) == {"train": 4, "test": 1}
+    assert (first["encode_time_s"] > 0).all() and (first["upload_time_s"] > 0).all()
+    train = first[first["split"] == "train"].set_index("format")
+    for fid in ("png", "npy"):
+        assert train.loc[fid, "encode_images_per_s"] == pytest.approx(
+            5 * PER_BATCH / train.loc[fid, "encode_time_s"])
+    assert train.loc["png", "encode_images_per_s"] != train.loc["npy", "encode_images_per_s"]
+
+    (store / "cifar10" / "png" / "train" / "shard-00001" / INDEX_FILE).unlink()
+    assert convert(argv, capsys)[0] == 0
+    second = pd.read_parquet(results / "conversions")
+    new = second[~second["job_id"].isin(first["job_id"])].set_index(["format", "split"])
+    assert len(new) == 4  # every format and split, sizes whole: the latest job is complete
+    assert list(new["samples"].sort_index()) == [TEST, 5 * PER_BATCH] * 2
+    png = new.loc[("png", "train")]
+    assert (png["shards_converted"], png["shards_skipped"]) == (1, 3)
+    assert png["encode_images_per_s"] == pytest.approx(SHARD / png["encode_time_s"])
+    untouched = new.drop(index=[("png", "train")])
+    assert (untouched["shards_converted"] == 0).all()
+    assert untouched[["encode_time_s", "encode_images_per_s", "upload_time_s"]].isna().all().all()
+
+    code, output = convert(argv, capsys)
+    assert code == 0 and "nothing converted, no rows written" in flat(output)
+    assert len(list((results / "conversions").glob("*.parquet"))) == 2
+
+
 def test_killed_conversion_resumes_exactly(tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     made = datagen.make_image_folder(tmp_path / "raw", classes=3, per_class=100, size=(40, 36),
@@ -690,6 +728,105 @@ def test_ray_worker_killed_mid_task_is_retried(ray_head: Any, tmp_path: Path) ->
     assert_cifar_pixels(assert_exactly_once(store / "cifar10", m, cifar_expected(gen)), gen)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("point", "nth", "exit_code"), [
+    ("shard-data", 2, 0), ("index-write", 3, 0), ("shard-stage", 5, 0),
+    ("manifest-write", 1, -signal.SIGKILL)])
+def test_ray_killed_at_point_resumes_exactly(ray_head: Any, tmp_path: Path, point: str,
+                                             nth: int, exit_code: int) -> None:
+    """Real Ray: a worker SIGKILLs itself mid-shard (data in place without index, half
+    an index, staged only) and Ray's retry must clean up after it; or the driver dies
+    at its manifest write while joined to the head. Checks as in test_kill_anywhere."""
+    from test_kill_anywhere import kill_and_resume
+
+    gen = datagen.make_cifar10_python(tmp_path / "c.tar.gz", train_per_batch=40, test=40,
+                                      seed=9)
+    kill_and_resume(gen, tmp_path, point, nth, address=f"127.0.0.1:{ray_head.gcs_port}",
+                    env=ray_head.env, killed_exit=exit_code)
+
+
+def _repo_copies(temp_dir: Path) -> Callable[[str, list[str]], set[str]]:
+    """A copytree filter leaving out working_dir files identical to this repository's."""
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        out = set()
+        for name in names:
+            path = Path(folder) / name
+            parts = path.relative_to(temp_dir).parts
+            if "working_dir_files" in parts and path.is_file() and not path.is_symlink():
+                rel = Path(*parts[parts.index("working_dir_files") + 2:])
+                if (REPO / rel).is_file() and (REPO / rel).read_bytes() == path.read_bytes():
+                    out.add(name)
+            elif path.is_socket() or path.is_fifo():
+                out.add(name)
+        return out
+    return ignore
+
+
+def _no_aws(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if not k.startswith(("AWS_", "FORMATLAB_STORAGE"))}
+
+
+@pytest.mark.slow
+def test_secrets_stay_out_of_ray(ray_head: Any, s3_server: Any, s3_bucket: str,
+                                 cifar: datagen.GeneratedCifar, tmp_path: Path) -> None:
+    """Credentials only in storage options, through real Ray: a local Ray the driver
+    starts (secret inline on the command line) and a running head (``ray job submit``
+    with ``--storage-options @file`` and a standalone driver with the environment
+    variable). Then the whole Ray temp folder of each, the store and every output are
+    searched for the secret. A secret inline in a Ray job's entrypoint gets the warning
+    that Ray has recorded it."""
+    from test_faults import assert_secret_nowhere
+
+    options = json.dumps(s3_server.storage_options)
+    opts_file = tmp_path / "s3.json"
+    opts_file.write_text(options)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fls", dir="/tmp"))  # short: socket paths
+    texts: dict[str, str] = {}
+    try:
+        local = run_cli(cifar_args(cifar.path, f"{s3_bucket}/local", "png,npy",
+                                   "--storage-options", options),
+                        env=_no_aws(_ray_env()) | {"RAY_TMPDIR": str(ray_tmp)}, timeout=300)
+        texts["local ray"] = local.stdout + local.stderr
+        assert local.returncode == 0, local.stderr[-3000:]
+        assert any(ray_tmp.rglob("*.log")), "the local Ray wrote no session folder here"
+        job = ray_head.job("submit", "--working-dir", str(REPO), "--", "python",
+                           "prep/convert.py", *cifar_args(cifar.path.resolve(),
+                                                          f"{s3_bucket}/job", "png",
+                                                          "--storage-options", f"@{opts_file}"),
+                           env=_no_aws(ray_head.env))
+        texts["job submit"] = job.stdout + job.stderr
+        assert job.returncode == 0, texts["job submit"][-3000:]
+        joined = run_cli(cifar_args(cifar.path, f"{s3_bucket}/joined", "png", "--address",
+                                    f"127.0.0.1:{ray_head.gcs_port}"),
+                         env=_no_aws(ray_head.env) | {"FORMATLAB_STORAGE_OPTIONS": f"@{opts_file}"},
+                         timeout=300)
+        texts["joined"] = joined.stdout + joined.stderr
+        assert joined.returncode == 0, joined.stderr[-3000:]
+        for name in ("local", "job", "joined"):
+            m = Manifest.load(Store.open(f"{s3_bucket}/{name}", s3_server.storage_options),
+                              "cifar10")
+            assert sum(s.samples for s in m.splits) == 5 * PER_BATCH + TEST
+        # The head's copies of this repository (the job's working_dir) hold the test's own
+        # key in tests/conftest.py: searched as copies, the rest of the head as is.
+        head_copy = tmp_path / "head"
+        shutil.copytree(ray_head.temp_dir, head_copy, symlinks=True,
+                        ignore=_repo_copies(ray_head.temp_dir), ignore_dangling_symlinks=True)
+        searched = assert_secret_nowhere(s3_server.secret, [
+            ray_tmp, head_copy, s3_server.root / s3_bucket.removeprefix("s3://")], texts)
+        assert searched > 50
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    # The one case Ray records: a secret inline in a job's entrypoint. Say so.
+    warned = ray_head.job("submit", "--working-dir", str(REPO), "--", "python",
+                          "prep/convert.py", *cifar_args(cifar.path.resolve(),
+                                                         f"{s3_bucket}/inline", "png",
+                                                         "--storage-options", options),
+                          env=_no_aws(ray_head.env))
+    # (Its workers are not sent the secret, and this head's have no credentials.)
+    assert "Ray has recorded this job's entrypoint" in flat(warned.stdout + warned.stderr)
+
+
 # --------------------------------------------------------------------------- 5. S3
 
 
@@ -772,3 +909,53 @@ def test_store_outage_mid_conversion(tmp_path: Path) -> None:
         assert assert_no_index_without_data(dataset) == 2 * len(m.format("npy").shards)
     finally:
         server.stop()
+
+
+def test_ray_task_arguments_hold_no_secret(tmp_path: Path) -> None:
+    """What Ray is given as task arguments (and may write down) holds no secret, for
+    options given inline, from a file and nested; the public ones still travel."""
+    from prep.executors import ray_task_options
+
+    secret = "s3cr3t-" + "x" * 20
+    options = {"key": "AKIAEXAMPLE0001", "secret": secret, "endpoint_url": "http://h:1",
+               "client_kwargs": {"region_name": "r", "aws_session_token": secret}}
+    path = tmp_path / "o.json"
+    path.write_text(json.dumps(options))
+    for text in (json.dumps(options), f"@{path}"):
+        args = ray_task_options(text, options)
+        dumped = json.dumps(args)
+        assert secret not in dumped and "AKIAEXAMPLE0001" not in dumped
+        assert args["storage_options"]["endpoint_url"] == "http://h:1"
+        assert args["storage_options"]["client_kwargs"] == {"region_name": "r"}
+    assert ray_task_options(f"@{path}", options)["options_from"] == f"@{path.resolve()}"
+
+
+BAD_FLAGS = [
+    (["--source", "nope"], "--source"), (["--size", "0"], "--size"),
+    (["--size", "abc"], "--size"), (["--size", "-3"], "--size"),
+    (["--formats", "png,gif"], "'gif'"), (["--formats", ""], "format"),
+    (["--shard-samples", "0"], "--shard-samples"), (["--shard-samples", "1.5"], "--shard-samples"),
+    (["--val-fraction", "1"], "--val-fraction"), (["--val-fraction", "nan"], "--val-fraction"),
+    (["--val-fraction", "x"], "--val-fraction"), (["--max-rejects", "-1"], "--max-rejects"),
+    (["--seed", "-1"], "--seed"), (["--seed", "s"], "--seed"), (["--limit", "0"], "--limit"),
+    (["--storage-options", "{oops"], "--storage-options"),
+    (["--storage-options", "[1]"], "--storage-options"),
+    (["--storage-options", "@/no/such/file.json"], "--storage-options"),
+    (["--src"], "--src"), (["--bogus", "1"], "--bogus"),
+]
+
+
+@pytest.mark.parametrize(("bad", "named"), BAD_FLAGS, ids=[" ".join(b) for b, _ in BAD_FLAGS])
+def test_bad_value_for_every_flag(bad: list[str], named: str, cifar: datagen.GeneratedCifar,
+                                  tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 2 and one line naming the flag or value; no traceback, nothing written."""
+    argv = cifar_args(cifar.path, tmp_path / "store", "png") + ["--address", "inline", *bad]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    line = assert_one_line_error(err)
+    assert err.strip() == line and named in line, err
+    assert not (tmp_path / "store").exists()

@@ -428,3 +428,34 @@ def test_safe_local_path_refuses_symlink_out(tmp_path: Path) -> None:
     with pytest.raises(PathEscapeError):
         safe_local_path(root, "file-link")
     assert safe_local_path(root, "ok-link/f") == (root / "inner" / "f").resolve()
+
+
+def test_storage_options_from_file_and_environment(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """--storage-options JSON, @file, or FORMATLAB_STORAGE_OPTIONS (either form); bad ones
+    name where they came from and never show their content."""
+    from shared.storage import (STORAGE_OPTIONS_ENV, BadStorageOptions,
+                                parse_storage_options, redact)
+
+    opts = {"secret": "env-secret-1234567", "endpoint_url": "http://x"}
+    path = tmp_path / "o.json"
+    path.write_text(json.dumps(opts))
+    monkeypatch.delenv(STORAGE_OPTIONS_ENV, raising=False)
+    assert parse_storage_options(None) == {}
+    assert parse_storage_options(f"@{path}") == opts
+    monkeypatch.setenv(STORAGE_OPTIONS_ENV, f"@{path}")
+    assert parse_storage_options(None) == opts
+    assert "***" in redact("x env-secret-1234567 y")
+    monkeypatch.setenv(STORAGE_OPTIONS_ENV, json.dumps(opts))
+    assert parse_storage_options("") == opts
+    assert parse_storage_options('{"anon": true}') == {"anon": True}  # the flag wins
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"secret": "in-a-broken-file-999", ')
+    for text, expect in ((f"@{tmp_path / 'missing.json'}", "cannot read"),
+                         (f"@{bad}", "not valid JSON"), ("[1]", "must be a JSON object")):
+        with pytest.raises(BadStorageOptions, match=expect) as info:
+            parse_storage_options(text)
+        assert "in-a-broken-file" not in str(info.value)
+    monkeypatch.setenv(STORAGE_OPTIONS_ENV, "{oops")
+    with pytest.raises(BadStorageOptions, match=STORAGE_OPTIONS_ENV):
+        parse_storage_options(None)
