@@ -32,13 +32,15 @@ from shared.lock import DatasetBusy, DatasetLock
 from shared.manifest import (FormatEntry, Manifest, ManifestError, Reject, ShardEntry,
                              SplitEntry)
 from shared.progress import stdout_console
-from shared.results import new_id, utc_now, write_rows
+from shared.results import new_id, table_bytes, utc_now
 from shared.shards import STAGING_DIR
 from shared.storage import (STORAGE_OPTIONS_ENV, BadStorageOptions, StorageError, Store,
                             has_secrets, one_line, parse_storage_options, redact,
                             redact_url)
 
 DEFAULT_MAX_REJECTS = 1000
+# Under <name>/: conversions rows a job computed, held until the results store has them.
+PENDING_DIR = "_conversions"
 # Set in a driver that `ray job submit` started (its entrypoint is on record).
 _RAY_JOB_ENV = ("RAY_JOB_CONFIG_JSON_ENV_VAR", "RAY_JOB_ID", "RAY_SUBMISSION_ID")
 
@@ -179,14 +181,17 @@ def run(args: argparse.Namespace) -> Manifest:
         manifest = _manifest(args, name, listing, size, shard_samples, formats, results,
                              listing_rejects)
         dst.delete(f"{name}/{STAGING_DIR}", recursive=True)
-        for folder in (name, *{f"{name}/{REJECTS_DIR}/{p.split}" for p in plans}):
+        for folder in (name, f"{name}/{PENDING_DIR}",
+                       *{f"{name}/{REJECTS_DIR}/{p.split}" for p in plans}):
             dst.sweep_temp(folder)  # what killed writes of earlier attempts left behind
-        manifest.save(dst)
         quality = measure_quality(source, plans, formats, size)
+        if args.results:
+            rows = _conversion_rows(manifest, results, wall, workers, formats, quality)
+            _hold_conversions(dst, name, rows, console)
+        manifest.save(dst)
         _report(console, manifest, results, wall, quality)
         if args.results:
-            _write_conversions(args.results, options, manifest, results, wall, workers,
-                               formats, console, quality=quality)
+            _deliver_conversions(dst, name, Store.open(args.results, options))
     return manifest
 
 
@@ -316,9 +321,8 @@ def _report(console: Any, manifest: Manifest, results: list[ShardResult], wall: 
         console.print(f"... and {len(manifest.rejects) - 20} more rejects (see manifest.json)")
 
 
-def _write_conversions(url: str, options: dict, manifest: Manifest,
-                       results: list[ShardResult], wall: float, workers: int,
-                       formats: list, console: Any, quality: dict | None = None) -> None:
+def _conversion_rows(manifest: Manifest, results: list[ShardResult], wall: float,
+                     workers: int, formats: list, quality: dict | None) -> list[dict]:
     """One row per format and split when this job converted any shard; none otherwise.
 
     Sizes are the whole split's (so the latest job describes the dataset); times count
@@ -327,9 +331,7 @@ def _write_conversions(url: str, options: dict, manifest: Manifest,
     Lossy formats carry PSNR/SSIM against the decoded source (``quality``).
     """
     if not any(r.encode_time_s for r in results):
-        console.print("[dim]conversions: nothing converted, no rows written[/dim]")
-        return
-    job_id = new_id()
+        return []
     by_id = {f.id: f for f in formats}
     converted_images = sum(r.samples for r in results if r.encode_time_s)
     rows = []
@@ -338,10 +340,35 @@ def _write_conversions(url: str, options: dict, manifest: Manifest,
             split_results = [r for r in results if r.split == split]
             rows.append(_conversion_row(manifest, by_id[f.id].describe(), f, split,
                                         split_results) | {
-                "job_id": job_id, "wall_time_s": wall, "workers": workers,
+                "wall_time_s": wall, "workers": workers,
                 "images_per_s": converted_images / max(wall, 1e-9)}
                 | quality_columns(by_id[f.id], (quality or {}).get((f.id, split))))
-    write_rows(Store.open(url, options), "conversions", rows, file_id=job_id)
+    return rows
+
+
+def _hold_conversions(dst: Store, name: str, rows: list[dict], console: Any) -> None:
+    """Keep this job's conversions rows in the store before the manifest commits it.
+
+    So a job killed between its manifest and its results write loses no rows: the
+    re-run (which converts nothing) delivers what the killed job held.
+    """
+    if not rows:
+        console.print("[dim]conversions: nothing converted, no rows written[/dim]")
+        return
+    job_id = new_id()
+    rows = [row | {"job_id": job_id} for row in rows]
+    dst.write_bytes(f"{name}/{PENDING_DIR}/{job_id}.parquet", table_bytes("conversions", rows))
+
+
+def _deliver_conversions(dst: Store, name: str, results: Store) -> None:
+    """Move every held conversions file into the results store, each exactly once."""
+    for rel in dst.walk_files(f"{name}/{PENDING_DIR}"):
+        if not rel.endswith(".parquet") or rel.rsplit("/", 1)[-1].startswith("."):
+            continue
+        target = f"conversions/{rel.rsplit('/', 1)[-1]}"
+        if not results.exists(target):  # a kill after the write, before the delete
+            results.write_bytes(target, dst.read_bytes(rel))
+        dst.delete(rel)
 
 
 def _conversion_row(manifest: Manifest, described: dict, entry: FormatEntry, split: str,

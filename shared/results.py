@@ -201,14 +201,19 @@ def write_rows(results: Store, table: str, rows: Iterable[Mapping[str, Any]],
     The file name is unique (``file_id`` or a fresh id), and the write is atomic,
     so concurrent writers never collide and readers never see half a file.
     """
-    data = to_table(table, rows)
-    buf = io.BytesIO()
-    pq.write_table(data, buf, compression="zstd")
+    data = table_bytes(table, rows)
     rel = f"{table}/{file_id or new_id()}.parquet"
     if results.exists(rel):
         rel = f"{table}/{file_id or 'x'}-{uuid.uuid4().hex[:8]}.parquet"
-    results.write_bytes(rel, buf.getvalue())
+    results.write_bytes(rel, data)
     return rel
+
+
+def table_bytes(table: str, rows: Iterable[Mapping[str, Any]]) -> bytes:
+    """Rows in ``table``'s schema as the bytes of one Parquet file (what write_rows writes)."""
+    buf = io.BytesIO()
+    pq.write_table(to_table(table, rows), buf, compression="zstd")
+    return buf.getvalue()
 
 
 def read_table(results: Store, table: str) -> "Any":

@@ -18,9 +18,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from prep import datagen
+from prep.convert import PENDING_DIR
 from shared.manifest import MANIFEST_FILE, Manifest
 from shared.shards import STAGING_DIR
 from shared.storage import Store
@@ -79,8 +81,15 @@ def kill_and_resume(gen: datagen.GeneratedCifar, tmp_path: Path, point: str, nth
     assert assert_no_index_without_data(dataset) == 4 * SHARDS
     assert not (dataset / STAGING_DIR).exists()
     assert temp_files(dataset) == []
-    files = [p for p in (results / "conversions").glob("*.parquet")] if results.exists() else []
-    assert len(files) <= 2  # at most the killed job's (when it got that far) and the re-run's
+    # Exactly one job's rows reach the results store: the killed job never finished its
+    # results write, so either the re-run converted the rest, or (killed after its
+    # manifest) the re-run delivered the rows the killed job held; none held back.
+    files = sorted((results / "conversions").glob("*.parquet"))
+    assert len(files) == 1, (point, nth, files)
+    rows = pd.read_parquet(files[0])
+    assert sorted(set(zip(rows["format"], rows["split"]))) == sorted(
+        (f, s) for f in FORMATS.split(",") for s in ("test", "train"))
+    assert list((dataset / PENDING_DIR).glob("*")) == [] if (dataset / PENDING_DIR).exists() else True
 
 
 @pytest.mark.parametrize(("point", "nth"), BOUNDED, ids=[f"{p}-{n}" for p, n in BOUNDED])
