@@ -40,6 +40,7 @@ import pytest
 from click.testing import CliRunner
 
 from node.cli import cli
+from prep.convert import PENDING_DIR
 from prep.datagen import make_cifar10_python
 from shared.manifest import INDEX_FILE, MANIFEST_FILE, Manifest, ManifestError
 from shared.shards import read_index
@@ -740,8 +741,10 @@ def test_results_store_outage_mid_conversion(start_s3: Callable[[], Any], small_
                                              tmp_path: Path) -> None:
     """The S3 results store stops while the conversion runs: exit 1 with one line naming
     the results store, the dataset itself committed, no partial results file; the re-run
-    completes (exit 0) with nothing left to convert."""
+    against the restarted server completes (exit 0) with nothing left to convert, and
+    delivers the rows the failed job held: exactly one job's rows, none lost."""
     server = start_s3()
+    port = int(server.endpoint.rsplit(":", 1)[1])
     results = server.bucket("res") + "/results"
     store = tmp_path / "store"
     argv = [sys.executable, CONVERT, "--source", "cifar10", "--src", str(small_archive),
@@ -765,6 +768,15 @@ def test_results_store_outage_mid_conversion(start_s3: Callable[[], Any], small_
     assert server.secret not in out + err
     assert (store / DATASET / MANIFEST_FILE).exists()
     assert not list((server.root / "res").rglob("*.parquet"))
-    done = run_process(argv, env=server.env(), timeout=240)
+    restarted = start_s3_server(server.root, port)
+    try:
+        done = run_process(argv, env=restarted.env(), timeout=240)
+    finally:
+        restarted.stop()
     assert done.returncode == 0, done.stderr[-2000:]
     assert "nothing converted" in done.stderr
+    files = list((server.root / "res").rglob("*.parquet"))
+    assert len(files) == 1, files
+    rows = pd.read_parquet(files[0])
+    assert set(rows["format"]) == {"png", "npy", "bmp", "tiff"} and rows["encode_time_s"].notna().all()
+    assert not list((store / DATASET / PENDING_DIR).glob("*"))
