@@ -5,16 +5,21 @@ a bad value for every flag of every command."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
+from node.report.tables import load_results
 from shared.storage import Store
 
 from conftest import Dataset, convert
-from test_cache import agent, assert_cache_valid
+from test_cache import REPO, agent, assert_cache_valid
 
 RUN = ["--format", "npy", "--loader", "numpy_mmap", "--epochs", "1", "--max-steps", "2",
        "--batch-size", "32", "--workers", "0", "--device", "cpu"]
@@ -86,3 +91,63 @@ def stop(procs: list) -> None:  # noqa: ANN001
             p.kill()
             p.wait()
 
+
+# --------------------------------------------------------------------------- results outage
+
+# node-agent whose Nth results write (FL_HOLD_AT; 1: the epochs rows, 2: the run row)
+# touches FL_READY and waits for FL_GO, so the test can stop the store right before it.
+HOLD_WRITE = """
+import os, sys, time
+import node.session as session
+real, calls = session.write_rows, []
+def held(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == int(os.environ["FL_HOLD_AT"]):
+        open(os.environ["FL_READY"], "w").close()
+        while not os.path.exists(os.environ["FL_GO"]):
+            time.sleep(0.01)
+    return real(*args, **kwargs)
+session.write_rows = held
+from node.cli import main
+sys.argv = ["node-agent", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("hold_at", [1, 2], ids=["before-epochs", "before-run-row"])
+def test_results_store_outage_during_run(npy_dataset: Dataset, start_s3: Callable[[], Any],
+                                         tmp_path: Path, hold_at: int) -> None:
+    """The S3 results store stops right before a results write: exit 1, one line naming
+    the results store, no traceback, no secret, and no rows (nor temporaries) left in it:
+    never epochs without their run."""
+    server = start_s3()
+    results = server.bucket("res") + "/results"
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_WRITE, *run_args(npy_dataset, tmp_path / "cache", results)],
+        cwd=REPO, env={**server.env(), "FL_HOLD_AT": str(hold_at), "FL_READY": str(ready),
+                       "FL_GO": str(go)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for([ready], [proc])
+        server.stop()  # the fault: the results store is gone when the rows are written
+        go.touch()
+        out, err = proc.communicate(timeout=240)
+    finally:
+        stop([proc])
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("node-agent: error: ")]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err  # after progress
+    assert "s3://res/results" in errors[0], errors[0]
+    assert server.secret not in out + err
+    left = [p for p in (server.root / "res").rglob("*") if p.is_file()]
+    if hold_at == 1:
+        assert not left, f"results store holds {left}"
+    # The run row commits a run: the epochs written before the outage are whole files,
+    # and readers (the report) find no run and no epoch of it.
+    assert all(p.suffix == ".parquet" and not p.name.startswith(".") for p in left), left
+    for path in left:
+        pq.read_table(path)
+    found = load_results(Store.open(str(server.root / "res" / "results")))
+    assert found.runs.empty and found.epochs.empty, found.epochs
