@@ -11,10 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import click
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 
+from node.cli import cli
 from node.report.tables import load_results
 from shared.storage import Store
 
@@ -151,3 +154,78 @@ def test_results_store_outage_during_run(npy_dataset: Dataset, start_s3: Callabl
         pq.read_table(path)
     found = load_results(Store.open(str(server.root / "res" / "results")))
     assert found.runs.empty and found.epochs.empty, found.epochs
+
+
+# --------------------------------------------------------------------------- bad flags
+
+COMMANDS = ("run", "bench", "cache", "matrix", "report")
+# Text options have no type to get wrong: each gets a bad value here (a new one fails
+# test_every_text_flag_has_a_bad_value until it is given one, or a reason in PATHS).
+BAD_TEXT = {
+    "--store": "{tmp}/no-such-store",
+    "--dataset": "no-such-dataset",
+    "--storage-options": "{{not json",
+    "--results": "nope://results",
+    "--format": "no-such-format",
+    "--loader": "no-such-loader",
+    "--loaders": "no-such-loader",
+    "--formats": "no-such-format",
+}
+# Any text is a valid path: an unusable folder is an I/O failure met on writing (exit 1).
+PATHS = {"--cache", "--out"}
+
+
+def options(command: str) -> list[click.Option]:
+    return [p for p in cli.commands[command].params
+            if isinstance(p, click.Option) and p.name != "help"]
+
+
+def bad_value(opt: click.Option, tmp: Path) -> str:
+    """A value ``opt`` must refuse: wrong type, unknown choice, or from BAD_TEXT."""
+    name = opt.opts[0]
+    if opt.is_flag:
+        return f"{name}=maybe"  # a flag takes no value
+    if isinstance(opt.type, click.Choice):
+        return f"{name}=no-such-choice"
+    if isinstance(opt.type, (click.types.IntParamType, click.types.FloatParamType)):
+        return f"{name}=many"
+    return f"{name}={BAD_TEXT[name].format(tmp=tmp)}"
+
+
+def good_args(command: str, ds: Dataset, tmp: Path) -> list[str]:
+    """Valid arguments for ``command`` (the bad value comes last and wins)."""
+    if command == "report":
+        return ["report", "--results", str(tmp / "results"), "--out", str(tmp / "report")]
+    if command == "cache":
+        return ["cache", "--store", ds.store, "--dataset", ds.name, "--format", "npy",
+                "--cache", str(tmp / "cache")]
+    args = run_args(ds, tmp / "cache", str(tmp / "results"), command)
+    if command == "matrix":
+        args = [a for a in args if a not in ("--format", "npy", "--loader", "numpy_mmap")]
+    return args
+
+
+CASES = [(c, o.opts[0]) for c in COMMANDS for o in options(c) if o.opts[0] not in PATHS]
+
+
+def test_every_text_flag_has_a_bad_value() -> None:
+    texts = {o.opts[0] for c in COMMANDS for o in options(c) if not o.is_flag
+             and isinstance(o.type, click.types.StringParamType)}
+    assert texts <= set(BAD_TEXT) | PATHS, texts - set(BAD_TEXT) - PATHS
+
+
+@pytest.mark.parametrize("command,flag", CASES, ids=[f"{c}{f}" for c, f in CASES])
+def test_bad_flag_value_is_one_line_and_writes_nothing(npy_dataset: Dataset, tmp_path: Path,
+                                                       command: str, flag: str) -> None:
+    opt = next(o for o in options(command) if o.opts[0] == flag)
+    bad = bad_value(opt, tmp_path)
+    args = [*good_args(command, npy_dataset, tmp_path), bad]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, (args, result.output)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.stderr
+    value = bad.split("=", 1)[1]
+    assert flag in lines[0] or value in lines[0], lines[0]  # the flag, or what it was given
+    written = [p.name for p in tmp_path.iterdir()]
+    assert not written, written  # no cache, no results, no report
