@@ -62,7 +62,22 @@ def _fail(exc: BaseException, code: int, debug: bool, prefix: str = "") -> None:
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLine(click.Command):
+    """Click's own usage errors (bad flag values) as one line too: no usage block."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            exc.ctx = None  # without a context Click prints only "Error: <message>"
+            raise
+
+
+class _Group(_OneLine, click.Group):
+    command_class = _OneLine
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 def cli(debug: bool) -> None:
     """Measure dataset formats and loaders for PyTorch image classification."""

@@ -66,9 +66,10 @@ def matrix(*, loader_list: str, format_list: str, repeat: int, bench_mode: bool,
            emulate_step_ms: float | None, **kwargs: Any) -> None:
     """Run every loader x format pair that fits and can run here, one after another."""
     from node.progress import MatrixProgress
-    from node.runner import RunConfig, run
+    from node.runner import RunConfig, open_results, run
 
-    _, manifest = open_dataset(kwargs["store"], kwargs["dataset"], kwargs["storage_options"])
+    store, manifest = open_dataset(kwargs["store"], kwargs["dataset"], kwargs["storage_options"])
+    open_results(kwargs["results"], store.storage_options)  # every pair's, not one pair's
     pairs = matrix_pairs(loader_list, format_list, manifest)
     progress = MatrixProgress(len(pairs) * repeat)
     for rep in range(repeat):

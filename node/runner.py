@@ -198,6 +198,14 @@ def check_pair(loader_name: str, format_id: str, manifest: Manifest,
     return cls, fmt
 
 
+def open_results(url: str, storage_options: dict[str, Any]) -> Store:
+    """The results store; one that cannot be opened is a usage error naming --results."""
+    try:
+        return Store.open(url, storage_options)
+    except StorageError as exc:
+        raise UsageError(f"--results: {exc}") from None
+
+
 def run(config: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
     """Run one measured training (or bench) run; returns the ``runs`` row written."""
     from node.session import RunSession
@@ -206,10 +214,7 @@ def run(config: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
     store, manifest = open_dataset(config.store, config.dataset, config.storage_options)
     loader_cls, fmt = check_pair(config.loader, config.format_id, manifest, config.no_cache)
     device = resolve_device(config.device)
-    try:
-        results = Store.open(config.results, store.storage_options)
-    except StorageError as exc:
-        raise UsageError(f"--results: {exc}") from None
+    results = open_results(config.results, store.storage_options)
     session = RunSession(config=config, store=store, manifest=manifest, fmt=fmt,
                          loader_cls=loader_cls, device=device, rank=rank,
                          world_size=world_size, results=results, quiet=quiet)

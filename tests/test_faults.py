@@ -3,7 +3,9 @@
 Covered here (the other fault cases live beside the code they test: killed and
 outage-hit conversions, bad source files and the booby-trapped pickle in
 tests/prep/test_convert.py; damaged, killed, shared and full caches in
-tests/node/test_cache.py; concurrent local writers in tests/shared/test_results.py):
+tests/node/test_cache.py; concurrent local writers in tests/shared/test_results.py;
+eight runs at once, a results outage during a run and bad node-agent flag values in
+tests/node/test_faults_node.py):
 
 1. the S3 store stopped in the middle of a cache fill, then restarted on the same port;
 2. eight processes writing into one S3 results store at once;

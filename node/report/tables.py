@@ -119,6 +119,9 @@ def load_results(store: Store) -> Results:
     mean per epoch, from ``epochs`` where it has them.
     """
     runs, epochs = read_table(store, "runs"), read_table(store, "epochs")
+    # A run's row is written last and commits it: epochs whose run row never got written
+    # (the store failed in between) belong to no run.
+    epochs = epochs[epochs["run_id"].isin(runs["run_id"])]
     return Results(url=store.display_url, runs=with_stage_times(runs, epochs),
                    epochs=epochs, conversions=read_table(store, "conversions"))
 

@@ -11,8 +11,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -302,33 +303,22 @@ def test_two_agents_share_one_cache(dataset: Dataset, tmp_path: Path) -> None:
     assert_cache_valid(cache, dataset, "png")
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 200 KiB tmpfs (the test runs as root); skipped only if mounting is refused."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mount)],
-                              capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot mount a tmpfs: {exc}")
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False, timeout=60)
-
-
 @pytest.mark.parametrize("fmt", ["npy", "png"])
-def test_full_disk_is_a_clear_error(dataset: Dataset, small_disk: Path, fmt: str) -> None:
-    result = CliRunner().invoke(cli, cache_args(dataset, fmt, small_disk))
+def test_full_disk_is_a_clear_error(dataset: Dataset, small_fs: Callable[[str], Any],
+                                    fmt: str) -> None:
+    """A real 200 KiB tmpfs fills: one line, exit 1, and what is cached stays valid."""
+    disk = small_fs("200k")
+    result = CliRunner().invoke(cli, cache_args(dataset, fmt, disk.path))
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("node-agent: error: ")
     assert "disk full" in lines[0] and "Traceback" not in result.output
-    assert_no_bad_file(small_disk, dataset, fmt)
+    assert_no_bad_file(disk.path, dataset, fmt)  # no temporary, no half file, checksums pass
+    disk.resize("20m")  # room again: the same command completes the cache
+    again = CliRunner().invoke(cli, cache_args(dataset, fmt, disk.path))
+    assert again.exit_code == 0, again.output
+    assert_cache_valid(disk.path, dataset, fmt)
 
 
 def test_cache_from_s3_with_environment_credentials(s3_dataset: Dataset, s3_server,  # noqa: ANN001
