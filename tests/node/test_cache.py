@@ -34,12 +34,12 @@ AGENT = """
 import os, sys, time
 slow = float(os.environ.get("FL_SLOW_S") or 0)
 if slow:
-    import node.cache as c
-    copy = c._copy_hashing
+    import shared.fetch as c
+    copy = c.copy_hashing
     def slowed(src, dst):
         time.sleep(slow)
         return copy(src, dst)
-    c._copy_hashing = slowed
+    c.copy_hashing = slowed
 from node.cli import main
 import node.runner  # imports torch: done before the start signal
 if os.environ.get("FL_READY"):
