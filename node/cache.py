@@ -36,7 +36,7 @@ from filelock import FileLock
 
 from node.errors import UsageError
 from node.loaders.base import ShardSlice
-from shared.fetch import FetchItem, is_tmp_name, tmp_name, unlink_quietly, write_file
+from shared.fetch import FetchItem, is_tmp_name, unlink_quietly, write_atomic
 from shared.manifest import INDEX_FILE, Manifest, ShardEntry
 from shared.shards import read_index
 from shared.storage import (PathEscapeError, Store, StorageError, check_relative, checksum_bytes,
@@ -215,7 +215,8 @@ class ShardCache:
         for _ in range(2):
             data = self.store.read_bytes(rel)
             if checksum_bytes(data) == entry.index_checksum:
-                _write_atomic(target, data)
+                # Not fsynced: a cached file is checksummed before every use.
+                write_atomic(target, data, point="cache-download", durable=False)
                 stats.files_fetched += 1
                 stats.bytes_fetched += len(data)
                 stats.bytes_total += len(data)
@@ -297,15 +298,6 @@ class ShardCache:
     def _progress(self, n: int) -> None:
         if self.on_file and n:
             self.on_file(n)
-
-
-def _write_atomic(target: str, data: bytes) -> None:
-    tmp = tmp_name(target)
-    try:
-        write_file(tmp, data)
-        os.replace(tmp, target)
-    finally:
-        unlink_quietly(tmp)
 
 
 def _scan(folder: Path) -> set[str]:

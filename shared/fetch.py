@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-import itertools
 import os
+import re
+import shutil
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import IO, Any, NamedTuple
@@ -22,7 +23,6 @@ from shared.killpoint import kill_point
 CHECKSUM_ALGO = "blake2b"
 _CHUNK = 4 << 20  # copy buffer
 SMALL = 8 << 20  # object-store files up to this size are fetched whole into memory
-_PART = ".part-"  # temporary download names: ".<name>.part-<pid>-<random>-<n>"
 
 
 class FetchItem(NamedTuple):
@@ -150,19 +150,62 @@ def _write_all(f: io.RawIOBase, data: bytes) -> None:
         kill_point("cache-download")  # fault tests: a download cut off part-way
 
 
-_tmp_ids = itertools.count()
-_TMP_TAG = uuid.uuid4().hex[:6]
+_TMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{12}$")
 
 
 def tmp_name(target: str) -> str:
-    """A temporary name beside ``target``, unique across threads and processes."""
+    """A temporary name beside ``target`` (``.<name>.tmp-<12 hex>``), unique across
+    threads and processes: every atomic write and download of this project uses it."""
     head, tail = os.path.split(target)
-    return f"{head}/.{tail}{_PART}{os.getpid()}-{_TMP_TAG}-{next(_tmp_ids)}"
+    return os.path.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:12]}")
 
 
 def is_tmp_name(name: str) -> bool:
-    """True for a file name made by :func:`tmp_name` (a leftover of a killed fetch)."""
-    return name.startswith(".") and _PART in name
+    """True for a file name made by :func:`tmp_name` (a leftover of a killed write)."""
+    return _TMP_NAME.match(name) is not None
+
+
+def write_atomic(target: str, data: bytes, *, point: str = "write", durable: bool = True) -> None:
+    """Write a local file whole under a temporary name, then rename it into place.
+
+    Args:
+        point: the kill point reached halfway through the bytes (fault tests).
+        durable: fsync before the rename (commit points: index, manifest, results).
+    """
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    tmp = tmp_name(target)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data[:len(data) // 2])
+            f.flush()
+            kill_point(point)  # fault tests: a writer killed with half its bytes out
+            f.write(data[len(data) // 2:])
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+
+
+def copy_atomic(src: str, target: str) -> None:
+    """Copy a local file under a temporary name, then rename it into place."""
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    tmp = tmp_name(target)
+    try:
+        copy_local(src, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+
+
+def copy_local(src: str, dst: str) -> None:
+    # No fsync per data file: renames make each file appear whole to readers and
+    # survive a killed process; commit points (index, manifest, results) are fsynced in
+    # write_atomic, and every data file is checksummed before it is used.
+    shutil.copyfile(src, dst)
 
 
 def write_file(path: str, data: bytes) -> None:

@@ -15,9 +15,7 @@ import json
 import os
 import posixpath
 import re
-import shutil
 import threading
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -356,7 +354,7 @@ class Store:
     def get_file(self, rel: str, local_path: str | os.PathLike[str]) -> None:
         """Download one object to a local path (not atomic; callers rename)."""
         if self.is_local:
-            self._call("read", rel, _copy_local, self.path(rel), os.fspath(local_path))
+            self._call("read", rel, fetch.copy_local, self.path(rel), os.fspath(local_path))
         else:
             self._call("read", rel, self.fs.get_file, self.path(rel), os.fspath(local_path))
 
@@ -441,7 +439,7 @@ class Store:
         target = self.path(rel)
         point = write_point(rel)
         if self.is_local:
-            self._call("write", rel, _atomic_local_write, target, data, point)
+            self._call("write", rel, fetch.write_atomic, target, data, point=point)
         else:
             kill_point(point)  # a PUT cut off before it completes
             self._call("write", rel, self.fs.pipe_file, target, data)
@@ -453,7 +451,7 @@ class Store:
         """Upload a local file atomically to ``rel``."""
         target = self.path(rel)
         if self.is_local:
-            self._call("write", rel, _atomic_local_copy, os.fspath(local_path), target)
+            self._call("write", rel, fetch.copy_atomic, os.fspath(local_path), target)
         else:
             self._call("write", rel, self.fs.put_file, os.fspath(local_path), target)
 
@@ -480,7 +478,7 @@ class Store:
         how many. Only for a writer that holds the folder (nothing else writes there)."""
         if not self.is_local:
             return 0  # object stores write whole objects: nothing to sweep
-        stale = [f for f in self.list(rel) if _TMP_NAME.match(posixpath.basename(f))]
+        stale = [f for f in self.list(rel) if fetch.is_tmp_name(posixpath.basename(f))]
         for f in stale:
             self.delete(f)
         return len(stale)
@@ -502,46 +500,3 @@ class Store:
             raise StorageError(
                 f"cannot {what} {self._show(rel)}: {type(exc).__name__}: {redact(exc)}"
             ) from None
-
-
-_TMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{12}$")
-
-
-def _tmp_name(target: str) -> str:
-    head, tail = os.path.split(target)
-    return os.path.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:12]}")
-
-
-def _atomic_local_write(target: str, data: bytes, point: str = "write") -> None:
-    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-    tmp = _tmp_name(target)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data[:len(data) // 2])
-            f.flush()
-            kill_point(point)  # fault tests: a writer killed with half its bytes out
-            f.write(data[len(data) // 2:])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        unlink_quietly(tmp)
-        raise
-
-
-def _atomic_local_copy(src: str, target: str) -> None:
-    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-    tmp = _tmp_name(target)
-    try:
-        _copy_local(src, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        unlink_quietly(tmp)
-        raise
-
-
-def _copy_local(src: str, dst: str) -> None:
-    # No fsync per data file: renames make each file appear whole to readers and
-    # survive a killed process; commit points (index, manifest, results) are fsynced in
-    # _atomic_local_write, and every data file is checksummed before it is used.
-    shutil.copyfile(src, dst)
