@@ -30,15 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
-import pyarrow as pa
 from filelock import FileLock
 
 from node.errors import UsageError
 from node.loaders.base import ShardSlice
 from shared.fetch import FetchItem, is_tmp_name, unlink_quietly, write_atomic
 from shared.manifest import INDEX_FILE, Manifest, ShardEntry
-from shared.shards import read_index
+from shared.shards import ShardIndex
 from shared.storage import (PathEscapeError, Store, StorageError, check_relative, checksum_bytes,
                             checksum_file, safe_local_path)
 
@@ -166,7 +164,7 @@ class ShardCache:
 
     # ------------------------------------------------------------------ one shard
 
-    def _fetch_shard(self, entry: ShardEntry) -> tuple[Path, pa.Table, CacheStats]:
+    def _fetch_shard(self, entry: ShardEntry) -> tuple[Path, ShardIndex, CacheStats]:
         rel = f"{self.manifest.name}/{entry.path}"
         try:
             local = self.shard_dir(entry)
@@ -179,7 +177,7 @@ class ShardCache:
                 # The index first: it is verified against the manifest and lists the rest.
                 index_data = self._ensure_index(entry, local, stats)
                 try:
-                    index = read_index(index_data)
+                    index = ShardIndex.parse(index_data)
                     wants = self._wants(entry, local, index)
                 except PathEscapeError as exc:
                     raise BadIndex(f"{rel}/{INDEX_FILE}: {exc}; refusing the dataset") from None
@@ -225,17 +223,11 @@ class ShardCache:
         raise CacheError(f"{rel}: checksum mismatch after two downloads "
                          "(the store's copy does not match its manifest)")
 
-    def _wants(self, entry: ShardEntry, local: Path, index: pa.Table) -> list[_Want]:
+    def _wants(self, entry: ShardEntry, local: Path, index: ShardIndex) -> list[_Want]:
         """Every data file of the shard, paths checked to stay inside its folder."""
         items: list[tuple[str, str, int | None]] = [(f.path, f.checksum, f.bytes)
                                                     for f in entry.files]
-        names = index.column_names
-        if "file" in names:
-            files = index.column("file").to_pylist()
-            sums = index.column("checksum").to_pylist()
-            sizes = (index.column("bytes").to_pylist() if "bytes" in names
-                     else [None] * len(files))
-            items += zip(files, sums, sizes)
+        items += index.sample_files()
         parents: dict[str, str] = {"": str(local)}
         out = []
         for name, checksum, size in items:
@@ -315,13 +307,10 @@ def _scan(folder: Path) -> set[str]:
     return present
 
 
-def _slice(location: str | Path, index: pa.Table, rng: ShardRange) -> ShardSlice:
+def _slice(location: str | Path, index: ShardIndex, rng: ShardRange) -> ShardSlice:
     """The read slice of one shard at ``location`` (a cached folder or a store URL)."""
-    files = tuple(index.column("file").to_pylist()) if "file" in index.column_names else None
-    return ShardSlice(location=str(location),
-                      labels=np.asarray(index.column("label").to_numpy(), dtype=np.int64),
-                      files=files, start=rng.start, stop=rng.stop,
-                      keys=tuple(index.column("key").to_pylist()))
+    return ShardSlice(location=str(location), labels=index.labels, files=index.files,
+                      start=rng.start, stop=rng.stop, keys=index.keys)
 
 
 def remote_slices(store: Store, manifest: Manifest,
@@ -334,7 +323,7 @@ def remote_slices(store: Store, manifest: Manifest,
         if checksum_bytes(data) != rng.entry.index_checksum:
             raise CacheError(f"{rel}/{INDEX_FILE}: checksum does not match the manifest")
         try:
-            index = read_index(data)
+            index = ShardIndex.parse(data)
         except PathEscapeError as exc:
             raise BadIndex(f"{rel}/{INDEX_FILE}: {exc}; refusing the dataset") from None
         out.append(_slice(store.url_of(rel), index, rng))
