@@ -40,7 +40,6 @@ from shared.shards import ShardIndex
 from shared.storage import (PathEscapeError, Store, StorageError, check_relative, checksum_bytes,
                             checksum_file, safe_local_path)
 
-TRAIN_SPLIT = "train"
 VAL_SPLITS = ("val", "validation", "test")
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
