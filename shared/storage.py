@@ -17,9 +17,7 @@ import posixpath
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,11 +28,10 @@ from fsspec.implementations.local import LocalFileSystem
 from shared import fetch
 # Checksums live with the fetch code, which hashes while it copies; re-exported here.
 from shared.fetch import (CHECKSUM_ALGO, FetchItem, checksum_bytes,  # noqa: F401
-                          checksum_file, checksum_stream, unlink_quietly)
+                          checksum_file, checksum_stream)
 from shared.killpoint import kill_point, write_point
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-_LOCAL_BATCH = 512  # local files copied between progress reports
 
 # Keys in storage options whose values are secrets.
 _SECRET_OPTION_KEYS = re.compile(r"(secret|token|password|passwd|session|key)$", re.I)
@@ -363,10 +360,9 @@ class Store:
         """Download ``items`` to their local targets, each to a temporary name, hashed on
         the way, verified and renamed into place (see :mod:`shared.fetch`).
 
-        Local stores copy one by one: a few system calls per file, and threads creating
-        files in one folder only contend for its lock (measured slower). Async clients
-        (s3fs) get ``threads`` requests in flight on their own loop; other file systems a
-        thread pool. ``on_file`` is called with counts of files done.
+        Local stores copy one by one; async clients (s3fs) get ``threads`` requests in
+        flight on their own loop; other file systems a pool of ``threads``. ``on_file``
+        is called with counts of files done.
 
         Returns:
             Each item's size, or None where the download did not match (not renamed).
@@ -386,29 +382,9 @@ class Store:
                 self.fs.loop, fetch.fetch_async, items, srcs, threads=max(1, threads),
                 cat=lambda src: self.fs._cat_file(src, **whole), get=self.fs._get_file,
                 on_error=self._fetch_error, on_file=progress)
-        one = partial(self._fetch_one, progress=progress)
-        if self.is_local:
-            sizes: list[int | None] = []
-            for i in range(0, len(items), _LOCAL_BATCH):
-                sizes += map(one, items[i:i + _LOCAL_BATCH], srcs[i:i + _LOCAL_BATCH])
-                progress(len(items[i:i + _LOCAL_BATCH]))
-            return sizes
-        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="fetch") as pool:
-            return list(pool.map(partial(one, report=True), items, srcs))
-
-    def _fetch_one(self, item: FetchItem, src: str, progress: Callable[[int], None],
-                   report: bool = False) -> int | None:
-        tmp = fetch.tmp_name(item.target)
-        size = None
-        try:
-            size = fetch.fetch_one(item, src, tmp, local=self.is_local, cat=self.fs.cat_file,
-                                   get=self.fs.get_file, on_error=self._fetch_error)
-            if report and size is not None:
-                progress(1)
-            return size
-        finally:
-            if size is None:
-                unlink_quietly(tmp)
+        return fetch.fetch_sync(items, srcs, local=self.is_local, threads=max(1, threads),
+                                cat=self.fs.cat_file, get=self.fs.get_file,
+                                on_error=self._fetch_error, on_file=progress)
 
     def _fetch_error(self, item: FetchItem, exc: Exception) -> Exception:
         """A failed read of :meth:`fetch_many` as this store reports it; errors of the
