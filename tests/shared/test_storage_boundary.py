@@ -7,7 +7,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 # The filesystem object of a store, and fsspec's private async reads.
-BYPASS = re.compile(r"store\.fs\b|\._cat_file\b|\._get_file\b")
+BYPASS = re.compile(r"store\.fs\b|\._(?:cat|get)_file\b")
 OWNER = REPO / "shared" / "storage.py"
 TREES = ("shared", "node", "prep", "benchmarks", "scripts")
 
