@@ -99,14 +99,10 @@ def cache_fill(store: Store, manifest: Manifest, dest: Path, concurrency: int) -
 
 
 def bare_copy(store: Store, rels: list[str], dest: Path, concurrency: int) -> int:
-    remote = [store.path(r) for r in rels]
     local = [str(dest / r) for r in rels]
     for folder in sorted({os.path.dirname(p) for p in local}):
         os.makedirs(folder, exist_ok=True)
-    if store.is_local:
-        store.fs.get(remote, local)
-    else:
-        store.fs.get(remote, local, batch_size=concurrency)
+    store.get_files(rels, local, batch_size=concurrency)
     return sum(os.path.getsize(p) for p in local)
 
 

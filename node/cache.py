@@ -21,42 +21,27 @@ next fill of that shard.
 
 from __future__ import annotations
 
-import asyncio
 import errno
-import hashlib
-import inspect
-import io
-import itertools
 import os
 import posixpath
 import time
-import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import fsspec.asyn
-import numpy as np
-import pyarrow as pa
 from filelock import FileLock
 
 from node.errors import UsageError
 from node.loaders.base import ShardSlice
-from shared.killpoint import kill_point
+from shared.fetch import FetchItem, is_tmp_name, unlink_quietly, write_atomic
 from shared.manifest import INDEX_FILE, Manifest, ShardEntry
-from shared.shards import read_index
-from shared.storage import (CHECKSUM_ALGO, PathEscapeError, Store, StorageError, check_relative,
-                            checksum_bytes,
-                            checksum_file, redact, safe_local_path)
+from shared.shards import ShardIndex
+from shared.storage import (PathEscapeError, Store, StorageError, check_relative, checksum_bytes,
+                            checksum_file, safe_local_path)
 
-TRAIN_SPLIT = "train"
 VAL_SPLITS = ("val", "validation", "test")
 
-_CHUNK = 4 << 20  # copy buffer
-_SMALL = 8 << 20  # object-store files up to this size are fetched whole into memory
-_PART = ".part-"  # temporary download names: ".<name>.part-<pid>-<random>-<n>"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -178,7 +163,7 @@ class ShardCache:
 
     # ------------------------------------------------------------------ one shard
 
-    def _fetch_shard(self, entry: ShardEntry) -> tuple[Path, pa.Table, CacheStats]:
+    def _fetch_shard(self, entry: ShardEntry) -> tuple[Path, ShardIndex, CacheStats]:
         rel = f"{self.manifest.name}/{entry.path}"
         try:
             local = self.shard_dir(entry)
@@ -191,7 +176,7 @@ class ShardCache:
                 # The index first: it is verified against the manifest and lists the rest.
                 index_data = self._ensure_index(entry, local, stats)
                 try:
-                    index = read_index(index_data)
+                    index = ShardIndex.parse(index_data)
                     wants = self._wants(entry, local, index)
                 except PathEscapeError as exc:
                     raise BadIndex(f"{rel}/{INDEX_FILE}: {exc}; refusing the dataset") from None
@@ -227,7 +212,8 @@ class ShardCache:
         for _ in range(2):
             data = self.store.read_bytes(rel)
             if checksum_bytes(data) == entry.index_checksum:
-                _write_atomic(target, data)
+                # Not fsynced: a cached file is checksummed before every use.
+                write_atomic(target, data, point="cache-download", durable=False)
                 stats.files_fetched += 1
                 stats.bytes_fetched += len(data)
                 stats.bytes_total += len(data)
@@ -236,17 +222,11 @@ class ShardCache:
         raise CacheError(f"{rel}: checksum mismatch after two downloads "
                          "(the store's copy does not match its manifest)")
 
-    def _wants(self, entry: ShardEntry, local: Path, index: pa.Table) -> list[_Want]:
+    def _wants(self, entry: ShardEntry, local: Path, index: ShardIndex) -> list[_Want]:
         """Every data file of the shard, paths checked to stay inside its folder."""
         items: list[tuple[str, str, int | None]] = [(f.path, f.checksum, f.bytes)
                                                     for f in entry.files]
-        names = index.column_names
-        if "file" in names:
-            files = index.column("file").to_pylist()
-            sums = index.column("checksum").to_pylist()
-            sizes = (index.column("bytes").to_pylist() if "bytes" in names
-                     else [None] * len(files))
-            items += zip(files, sums, sizes)
+        items += index.sample_files()
         parents: dict[str, str] = {"": str(local)}
         out = []
         for name, checksum, size in items:
@@ -289,22 +269,9 @@ class ShardCache:
     def _fetch_files(self, rel: str, wants: list[_Want], stats: CacheStats) -> None:
         """Download, verify and rename ``wants``; a file that fails its checksum is
         fetched once more before giving up."""
-        src_root = self.store.path(rel)
-        for attempt in range(2):
-            if self.store.is_local:
-                # A few system calls per file: threads creating files in one folder
-                # only contend for its lock (measured slower than one by one).
-                sizes = []
-                for i in range(0, len(wants), 512):
-                    sizes += [self._download(rel, src_root, w) for w in wants[i:i + 512]]
-                    self._progress(min(512, len(wants) - i))
-            elif getattr(self.store.fs, "async_impl", False):
-                sizes = fsspec.asyn.sync(self.store.fs.loop, self._download_async, rel,
-                                         src_root, wants)
-            else:
-                with ThreadPoolExecutor(self.threads, thread_name_prefix="cache") as pool:
-                    sizes = list(pool.map(lambda w: self._download(rel, src_root, w, True),
-                                          wants))
+        for _attempt in range(2):
+            items = [FetchItem(f"{rel}/{w.name}", w.target, w.checksum, w.size) for w in wants]
+            sizes = self.store.fetch_many(items, threads=self.threads, on_file=self._progress)
             bad = []
             for want, size in zip(wants, sizes):
                 if size is None:
@@ -319,155 +286,9 @@ class ShardCache:
         raise CacheError(f"{rel}/{wants[0].name}: checksum mismatch after two downloads "
                          "(the store's copy does not match its manifest)")
 
-    def _download(self, rel: str, src_root: str, want: _Want,
-                  progress: bool = False) -> int | None:
-        """Fetch one file to a temporary name, verify, rename; its size, or None if bad."""
-        src = f"{src_root}/{want.name}"
-        tmp = _tmp_name(want.target)
-        committed = None
-        try:
-            if self.store.is_local:
-                digest, size = self._call(rel, want, _copy_hashing, src, tmp)
-            elif want.size is not None and want.size <= _SMALL:
-                data = self._call(rel, want, self.store.fs.cat_file, src)
-                _write_file(tmp, data)
-                size, digest = len(data), checksum_bytes(data)
-            else:
-                self._call(rel, want, self.store.fs.get_file, src, tmp)
-                digest, size = checksum_file(tmp), os.stat(tmp).st_size
-            committed = _commit(tmp, want, digest, size)
-            if progress and committed is not None:
-                self._progress(1)
-            return committed
-        finally:
-            if committed is None:
-                _unlink_quietly(tmp)
-
-    async def _download_async(self, rel: str, src_root: str,
-                              wants: list[_Want]) -> list[int | None]:
-        """Object stores with an async client (s3fs...): ``threads`` requests in flight
-        on the client's event loop, no thread hops per file."""
-        fs = self.store.fs
-        gate = asyncio.Semaphore(self.threads)
-        # s3fs asks for the size first (a second request per file) unless told that a
-        # file comes in one piece: small files do.
-        whole = ({"max_concurrency": 1}
-                 if "max_concurrency" in inspect.signature(fs._cat_file).parameters else {})
-
-        async def one(want: _Want) -> int | None:
-            src = f"{src_root}/{want.name}"
-            tmp = _tmp_name(want.target)
-            size = None
-            try:
-                async with gate:
-                    try:
-                        if want.size is not None and want.size <= _SMALL:
-                            data = await fs._cat_file(src, **whole)
-                        else:
-                            data = None
-                            await fs._get_file(src, tmp)
-                    except Exception as exc:  # noqa: BLE001 - mapped below
-                        raise self._store_error(rel, want, exc) from None
-                if data is not None:
-                    _write_file(tmp, data)
-                    size = _commit(tmp, want, checksum_bytes(data), len(data))
-                else:
-                    size = _commit(tmp, want, checksum_file(tmp), os.stat(tmp).st_size)
-                if size is not None:
-                    self._progress(1)
-                return size
-            finally:
-                if size is None:
-                    _unlink_quietly(tmp)
-
-        tasks = [asyncio.ensure_future(one(w)) for w in wants]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-
-    def _call(self, rel: str, want: _Want, fn: Callable, *args: object) -> Any:
-        """Run a read from the store; errors of the store become :class:`StorageError`
-        or :class:`FileNotFoundError` (credentials redacted), the cache's pass through."""
-        try:
-            return fn(*args)
-        except Exception as exc:  # noqa: BLE001 - mapped by _store_error
-            raise self._store_error(rel, want, exc) from None
-
-    def _store_error(self, rel: str, want: _Want, exc: Exception) -> Exception:
-        if isinstance(exc, (CacheError, StorageError)):
-            return exc
-        src = f"{self.store.path(rel)}/{want.name}"
-        if isinstance(exc, OSError) and (
-                exc.errno in _DISK_FULL
-                or (self.store.is_local and exc.filename not in (None, src))):
-            return exc  # the cache's side: disk full, permissions...
-        where = f"{self.store.display_url}/{rel}/{want.name}"
-        if isinstance(exc, FileNotFoundError):
-            return FileNotFoundError(f"{where} not found")
-        kind = "" if isinstance(exc, OSError) else f"{type(exc).__name__}: "
-        return StorageError(f"cannot read {where}: {kind}{redact(exc)}")
-
     def _progress(self, n: int) -> None:
         if self.on_file and n:
             self.on_file(n)
-
-
-def _commit(tmp: str, want: _Want, digest: str, size: int) -> int | None:
-    """Rename a verified download into place; None (and no rename) if it is bad."""
-    if digest != want.checksum or (want.size is not None and size != want.size):
-        return None
-    kill_point("cache-rename")  # fault tests: verified, not yet renamed
-    os.replace(tmp, want.target)
-    return size
-
-
-def _copy_hashing(src: str, dst: str) -> tuple[str, int]:
-    """Copy a local file, hashing it on the way; returns its checksum and size."""
-    h = hashlib.blake2b(digest_size=16)
-    size = 0
-    with open(src, "rb", buffering=0) as fin, open(dst, "xb", buffering=0) as fout:
-        while chunk := fin.read(_CHUNK):
-            h.update(chunk)
-            _write_all(fout, chunk)
-            size += len(chunk)
-    return f"{CHECKSUM_ALGO}:{h.hexdigest()}", size
-
-
-def _write_all(f: io.RawIOBase, data: bytes) -> None:
-    """Write all of ``data`` to an unbuffered file: a raw write may be short (a full
-    disk writes what fits and says so; the next write raises ENOSPC)."""
-    view = memoryview(data)
-    while view:
-        view = view[f.write(view):]
-        kill_point("cache-download")  # fault tests: a download cut off part-way
-
-
-_tmp_ids = itertools.count()
-_TMP_TAG = uuid.uuid4().hex[:6]
-
-
-def _tmp_name(target: str) -> str:
-    """A temporary name beside ``target``, unique across threads and processes."""
-    head, tail = os.path.split(target)
-    return f"{head}/.{tail}{_PART}{os.getpid()}-{_TMP_TAG}-{next(_tmp_ids)}"
-
-
-def _write_file(path: str, data: bytes) -> None:
-    with open(path, "xb", buffering=0) as f:
-        _write_all(f, data)
-
-
-def _write_atomic(target: str, data: bytes) -> None:
-    tmp = _tmp_name(target)
-    try:
-        _write_file(tmp, data)
-        os.replace(tmp, target)
-    finally:
-        _unlink_quietly(tmp)
 
 
 def _scan(folder: Path) -> set[str]:
@@ -478,20 +299,17 @@ def _scan(folder: Path) -> set[str]:
         prefix = os.path.relpath(dirpath, folder).replace(os.sep, "/")
         prefix = "" if prefix == "." else prefix + "/"
         for name in files:
-            if name.startswith(".") and _PART in name:
-                _unlink_quietly(os.path.join(dirpath, name))
+            if is_tmp_name(name):
+                unlink_quietly(os.path.join(dirpath, name))
             else:
                 present.add(prefix + name)
     return present
 
 
-def _slice(location: str | Path, index: pa.Table, rng: ShardRange) -> ShardSlice:
+def _slice(location: str | Path, index: ShardIndex, rng: ShardRange) -> ShardSlice:
     """The read slice of one shard at ``location`` (a cached folder or a store URL)."""
-    files = tuple(index.column("file").to_pylist()) if "file" in index.column_names else None
-    return ShardSlice(location=str(location),
-                      labels=np.asarray(index.column("label").to_numpy(), dtype=np.int64),
-                      files=files, start=rng.start, stop=rng.stop,
-                      keys=tuple(index.column("key").to_pylist()))
+    return ShardSlice(location=str(location), labels=index.labels, files=index.files,
+                      start=rng.start, stop=rng.stop, keys=index.keys)
 
 
 def remote_slices(store: Store, manifest: Manifest,
@@ -504,18 +322,11 @@ def remote_slices(store: Store, manifest: Manifest,
         if checksum_bytes(data) != rng.entry.index_checksum:
             raise CacheError(f"{rel}/{INDEX_FILE}: checksum does not match the manifest")
         try:
-            index = read_index(data)
+            index = ShardIndex.parse(data)
         except PathEscapeError as exc:
             raise BadIndex(f"{rel}/{INDEX_FILE}: {exc}; refusing the dataset") from None
         out.append(_slice(store.url_of(rel), index, rng))
     return out
-
-
-def _unlink_quietly(path: str | Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 __all__ = ["CacheError", "CacheStats", "ShardCache", "ShardRange", "StorageError", "assign",

@@ -190,12 +190,6 @@ class Preprocess(nn.Module):
         self.register_buffer("shift", shift, persistent=False)
         self._generator: torch.Generator | None = None
 
-    def reset(self, seed: int | None = None) -> None:
-        """Restart the augmentation sequence (optionally with a new seed)."""
-        if seed is not None:
-            self.seed = seed
-        self._generator = None
-
     def _gen(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)

@@ -288,7 +288,7 @@ def check_outputs(args: argparse.Namespace, options: dict) -> None:
         store = Store.open(url, options)
         path = store.root
         while True:
-            if store.fs.isfile(path):
+            if store.isfile() if path == store.root else os.path.isfile(path):
                 shown = store.display_url if path == store.root else path
                 raise UsageError(f"{flag} {shown} is a file; it must be a folder ({what})")
             parent = os.path.dirname(path.rstrip("/"))

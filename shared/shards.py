@@ -33,6 +33,55 @@ _META_KEY = b"formatlab.shard"
 STAGING_DIR = ".staging"  # local stores: shards are built here, then renamed into place
 
 
+# The index of every shard: one row per sample, in read order. Formats that store one
+# file per sample (FormatKind.FILES) add where each sample's file is and what it hashes to.
+INDEX_SCHEMA = pa.schema([("key", pa.string()), ("label", pa.int64())])
+FILES_INDEX_SCHEMA = INDEX_SCHEMA.append(pa.field("file", pa.string())).append(
+    pa.field("bytes", pa.int64())).append(pa.field("checksum", pa.string()))
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """A shard's index as typed columns (see :data:`INDEX_SCHEMA`).
+
+    ``files``, ``sizes`` and ``checksums`` are None for formats without per-sample files
+    (``sizes`` also for indexes written before the ``bytes`` column existed).
+    """
+
+    keys: tuple[str, ...]
+    labels: np.ndarray  # int64
+    files: tuple[str, ...] | None = None
+    sizes: tuple[int, ...] | None = None
+    checksums: tuple[str, ...] | None = None
+
+    @classmethod
+    def parse(cls, data: bytes | str | Path) -> "ShardIndex":
+        """Parse index bytes or a local path (file paths checked, see :func:`read_index`)."""
+        return cls.from_table(read_index(data))
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> "ShardIndex":
+        names = set(table.column_names)
+        for name in INDEX_SCHEMA.names:
+            if name not in names:
+                raise ValueError(f"shard index has no {name!r} column")
+
+        def column(name: str) -> tuple[Any, ...] | None:
+            return tuple(table.column(name).to_pylist()) if name in names else None
+
+        files = column("file")
+        return cls(keys=column("key") or (),
+                   labels=np.asarray(table.column("label").to_numpy(), dtype=np.int64),
+                   files=files, sizes=column("bytes") if files is not None else None,
+                   checksums=column("checksum") if files is not None else None)
+
+    def sample_files(self) -> list[tuple[str, str, int | None]]:
+        """``(file, checksum, size)`` of each per-sample file (size None when unknown)."""
+        if self.files is None or self.checksums is None:
+            return []
+        return list(zip(self.files, self.checksums, self.sizes or [None] * len(self.files)))
+
+
 def shard_path(format_id: str, split: str, index: int) -> str:
     """The shard folder relative to the dataset root."""
     return f"{format_id}/{split}/shard-{index:05d}"
@@ -101,21 +150,20 @@ def _build_index(fmt: Format, stage: Path, split: str, index: int, keys: Sequenc
         for p in sorted(stage.rglob("*")) if p.is_file()
         and p.relative_to(stage).as_posix() not in listed
     )
-    columns: dict[str, pa.Array] = {
-        "key": pa.array(list(keys), pa.string()),
-        "label": pa.array(labels, pa.int64()),
-    }
+    columns: list[Any] = [list(keys), labels]
+    schema = INDEX_SCHEMA
     if fmt.kind is FormatKind.FILES:
         if sample_files is None or len(sample_files) != len(keys):
             raise RuntimeError(f"{fmt.id}: writer returned no per-sample file list")
-        columns["file"] = pa.array([s.file for s in sample_files], pa.string())
-        columns["bytes"] = pa.array([s.bytes for s in sample_files], pa.int64())
-        columns["checksum"] = pa.array([s.checksum for s in sample_files], pa.string())
+        columns += [[s.file for s in sample_files], [s.bytes for s in sample_files],
+                    [s.checksum for s in sample_files]]
+        schema = FILES_INDEX_SCHEMA
     data_bytes = sum(e.bytes for e in extras) + sum(s.bytes for s in sample_files or ())
     meta = {"format": fmt.id, "split": split, "index": index, "data_bytes": data_bytes,
             "files": [{"path": e.path, "bytes": e.bytes, "checksum": e.checksum}
                       for e in extras]}
-    table = pa.table(columns).replace_schema_metadata({_META_KEY: json.dumps(meta)})
+    table = pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, schema)],
+                                 schema=schema).replace_schema_metadata({_META_KEY: json.dumps(meta)})
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue(), extras, data_bytes

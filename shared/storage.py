@@ -9,26 +9,29 @@ are redacted from anything this project logs, stores or raises.
 
 from __future__ import annotations
 
-import hashlib
+import errno
+import inspect
 import json
 import os
 import posixpath
 import re
-import shutil
 import threading
-import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import fsspec
+import fsspec.asyn
 from fsspec.implementations.local import LocalFileSystem
 
+from shared import fetch
+# Checksums live with the fetch code, which hashes while it copies; re-exported here.
+from shared.fetch import (CHECKSUM_ALGO, FetchItem, checksum_bytes,  # noqa: F401
+                          checksum_file, checksum_stream)
 from shared.killpoint import kill_point, write_point
 
-CHECKSUM_ALGO = "blake2b"
-_CHUNK = 4 << 20
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 # Keys in storage options whose values are secrets.
 _SECRET_OPTION_KEYS = re.compile(r"(secret|token|password|passwd|session|key)$", re.I)
@@ -195,25 +198,6 @@ def _s3_defaults(options: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- checksums
 
 
-def checksum_bytes(data: bytes | memoryview) -> str:
-    """Checksum of a byte string, as ``blake2b:<hex>``."""
-    return f"{CHECKSUM_ALGO}:{hashlib.blake2b(data, digest_size=16).hexdigest()}"
-
-
-def checksum_stream(stream: IO[bytes]) -> str:
-    """Checksum of everything left in a binary stream."""
-    h = hashlib.blake2b(digest_size=16)
-    while chunk := stream.read(_CHUNK):
-        h.update(chunk)
-    return f"{CHECKSUM_ALGO}:{h.hexdigest()}"
-
-
-def checksum_file(path: str | os.PathLike[str]) -> str:
-    """Checksum of a local file."""
-    with open(path, "rb") as f:
-        return checksum_stream(f)
-
-
 # --------------------------------------------------------------------------- paths
 
 
@@ -310,6 +294,12 @@ class Store:
     def exists(self, rel: str) -> bool:
         return self._call("check", rel, self.fs.exists, self.path(rel))
 
+    def isdir(self, rel: str = "") -> bool:
+        return bool(self._call("check", rel, self.fs.isdir, self.path(rel)))
+
+    def isfile(self, rel: str = "") -> bool:
+        return bool(self._call("check", rel, self.fs.isfile, self.path(rel)))
+
     def size(self, rel: str) -> int:
         return int(self._call("stat", rel, self.fs.size, self.path(rel)))
 
@@ -361,9 +351,63 @@ class Store:
     def get_file(self, rel: str, local_path: str | os.PathLike[str]) -> None:
         """Download one object to a local path (not atomic; callers rename)."""
         if self.is_local:
-            self._call("read", rel, _copy_local, self.path(rel), os.fspath(local_path))
+            self._call("read", rel, fetch.copy_local, self.path(rel), os.fspath(local_path))
         else:
             self._call("read", rel, self.fs.get_file, self.path(rel), os.fspath(local_path))
+
+    def fetch_many(self, items: Sequence[FetchItem], *, threads: int = 8,
+                   on_file: Callable[[int], None] | None = None) -> list[int | None]:
+        """Download ``items`` to their local targets, each to a temporary name, hashed on
+        the way, verified and renamed into place (see :mod:`shared.fetch`).
+
+        Local stores copy one by one; async clients (s3fs) get ``threads`` requests in
+        flight on their own loop; other file systems a pool of ``threads``. ``on_file``
+        is called with counts of files done.
+
+        Returns:
+            Each item's size, or None where the download did not match (not renamed).
+
+        Raises:
+            FileNotFoundError, StorageError: the store's side (credentials redacted).
+            OSError: the local side (disk full, permissions), as raised.
+        """
+        progress = on_file or (lambda n: None)
+        srcs = [self.path(item.src) for item in items]
+        if getattr(self.fs, "async_impl", False) and not self.is_local:
+            # s3fs asks for the size first (a second request per file) unless told
+            # that a file comes in one piece: small files do.
+            whole = ({"max_concurrency": 1} if "max_concurrency"
+                     in inspect.signature(self.fs._cat_file).parameters else {})
+            return fsspec.asyn.sync(
+                self.fs.loop, fetch.fetch_async, items, srcs, threads=max(1, threads),
+                cat=lambda src: self.fs._cat_file(src, **whole), get=self.fs._get_file,
+                on_error=self._fetch_error, on_file=progress)
+        return fetch.fetch_sync(items, srcs, local=self.is_local, threads=max(1, threads),
+                                cat=self.fs.cat_file, get=self.fs.get_file,
+                                on_error=self._fetch_error, on_file=progress)
+
+    def _fetch_error(self, item: FetchItem, exc: Exception) -> Exception:
+        """A failed read of :meth:`fetch_many` as this store reports it; errors of the
+        local side (disk full, permissions) pass through as they are."""
+        if isinstance(exc, StorageError):
+            return exc
+        if isinstance(exc, OSError) and (
+                exc.errno in _DISK_FULL
+                or (self.is_local and exc.filename not in (None, self.path(item.src)))):
+            return exc
+        where = self._show(item.src)
+        if isinstance(exc, FileNotFoundError):
+            return FileNotFoundError(f"{where} not found")
+        kind = "" if isinstance(exc, OSError) else f"{type(exc).__name__}: "
+        return StorageError(f"cannot read {where}: {kind}{redact(exc)}")
+
+    def get_files(self, rels: Sequence[str], local_paths: Sequence[str],
+                  batch_size: int | None = None) -> None:
+        """fsspec's own batch download, unverified: only a baseline for benchmarks."""
+        remote = [self.path(r) for r in rels]
+        kwargs = {} if self.is_local or batch_size is None else {"batch_size": batch_size}
+        self._call("read", rels[0] if rels else "", self.fs.get, remote, list(local_paths),
+                   **kwargs)
 
     # -- writes
     def write_bytes(self, rel: str, data: bytes) -> None:
@@ -371,7 +415,7 @@ class Store:
         target = self.path(rel)
         point = write_point(rel)
         if self.is_local:
-            self._call("write", rel, _atomic_local_write, target, data, point)
+            self._call("write", rel, fetch.write_atomic, target, data, point=point)
         else:
             kill_point(point)  # a PUT cut off before it completes
             self._call("write", rel, self.fs.pipe_file, target, data)
@@ -383,7 +427,7 @@ class Store:
         """Upload a local file atomically to ``rel``."""
         target = self.path(rel)
         if self.is_local:
-            self._call("write", rel, _atomic_local_copy, os.fspath(local_path), target)
+            self._call("write", rel, fetch.copy_atomic, os.fspath(local_path), target)
         else:
             self._call("write", rel, self.fs.put_file, os.fspath(local_path), target)
 
@@ -410,7 +454,7 @@ class Store:
         how many. Only for a writer that holds the folder (nothing else writes there)."""
         if not self.is_local:
             return 0  # object stores write whole objects: nothing to sweep
-        stale = [f for f in self.list(rel) if _TMP_NAME.match(posixpath.basename(f))]
+        stale = [f for f in self.list(rel) if fetch.is_tmp_name(posixpath.basename(f))]
         for f in stale:
             self.delete(f)
         return len(stale)
@@ -432,53 +476,3 @@ class Store:
             raise StorageError(
                 f"cannot {what} {self._show(rel)}: {type(exc).__name__}: {redact(exc)}"
             ) from None
-
-
-_TMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{12}$")
-
-
-def _tmp_name(target: str) -> str:
-    head, tail = os.path.split(target)
-    return os.path.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:12]}")
-
-
-def _atomic_local_write(target: str, data: bytes, point: str = "write") -> None:
-    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-    tmp = _tmp_name(target)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data[:len(data) // 2])
-            f.flush()
-            kill_point(point)  # fault tests: a writer killed with half its bytes out
-            f.write(data[len(data) // 2:])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-
-
-def _atomic_local_copy(src: str, target: str) -> None:
-    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-    tmp = _tmp_name(target)
-    try:
-        _copy_local(src, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-
-
-def _copy_local(src: str, dst: str) -> None:
-    # No fsync per data file: renames make each file appear whole to readers and
-    # survive a killed process; commit points (index, manifest, results) are fsynced in
-    # _atomic_local_write, and every data file is checksummed before it is used.
-    shutil.copyfile(src, dst)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -60,7 +60,7 @@ sys.modules[_spec.name] = _root  # its dataclasses look their module up
 _spec.loader.exec_module(_root)  # type: ignore[union-attr]
 start_s3_server = _root.start_s3_server
 
-_PART = ".part-"  # the cache's temporary download names: ".<name>.part-<pid>-..."
+_TMP = ".tmp-"  # every temporary name of an atomic write or download: ".<name>.tmp-<hex>"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -123,7 +123,7 @@ def convert_inline(src: Path, dst: str, formats: str, shard_samples: int,
 
 
 def is_temp(name: str) -> bool:
-    return name.startswith(".") and _PART in name
+    return name.startswith(".") and _TMP in name
 
 
 def check_cached_format(cache: Path, manifest: Manifest, fmt: str, *,

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -76,13 +75,6 @@ class LoaderConfig:
         if not self.shards:
             return np.zeros(0, dtype=np.int64)
         return np.concatenate([s.labels[s.start:s.stop] for s in self.shards]).astype(np.int64)
-
-    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Map rank positions to (shard number, index inside that shard)."""
-        bounds = np.cumsum([0] + [len(s) for s in self.shards])
-        shard_no = np.searchsorted(bounds, positions, side="right") - 1
-        starts = np.array([s.start for s in self.shards], dtype=np.int64)
-        return shard_no, positions - bounds[shard_no] + starts[shard_no]
 
 
 @dataclass
@@ -214,7 +206,3 @@ def timed_to_device(images: torch.Tensor, labels: torch.Tensor,
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
     return images, labels, time.perf_counter() - t0
-
-
-def shard_dirs(config: LoaderConfig) -> Sequence[Path]:
-    return [Path(s.location) for s in config.shards]

@@ -157,12 +157,12 @@ class Source(abc.ABC):
         """``"file"``, ``"dir"`` or ``"missing"`` for the source URL itself."""
         store = self.store
         try:
-            if store.fs.isdir(store.root):
+            if store.isdir():
                 return "dir"
-            if store.fs.isfile(store.root):
+            if store.isfile():
                 return "file"
-        except Exception as exc:  # noqa: BLE001 - every fsspec backend raises its own types
-            raise self._error(f"cannot reach {self.display_url}: {type(exc).__name__}: {exc}") from None
+        except StorageError as exc:  # the store names the URL, credentials redacted
+            raise self._error(str(exc)) from None
         return "missing"
 
 

@@ -317,7 +317,7 @@ class Cifar10Source(Source):
             if _batch_names(binary)[0] in entries:
                 return _Layout(binary=binary, container=None, folder="")
         for folder, binary in ((PYTHON_DIR, False), (BINARY_DIR, True)):
-            if folder in entries and self.store.fs.isdir(self.store.path(folder)):
+            if folder in entries and self.store.isdir(folder):
                 return _Layout(binary=binary, container=None, folder=folder)
         for archive in (PYTHON_ARCHIVE, BINARY_ARCHIVE):
             if archive in entries:

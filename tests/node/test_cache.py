@@ -35,12 +35,12 @@ AGENT = """
 import os, sys, time
 slow = float(os.environ.get("FL_SLOW_S") or 0)
 if slow:
-    import node.cache as c
-    copy = c._copy_hashing
+    import shared.fetch as c
+    copy = c.copy_hashing
     def slowed(src, dst):
         time.sleep(slow)
         return copy(src, dst)
-    c._copy_hashing = slowed
+    c.copy_hashing = slowed
 from node.cli import main
 import node.runner  # imports torch: done before the start signal
 if os.environ.get("FL_READY"):
@@ -91,7 +91,7 @@ def assert_cache_valid(cache: Path, ds: Dataset, fmt: str,
             path = root / rel
             assert path.is_file(), f"{rel} not cached"
             assert checksum_file(path) == checksum, f"{rel} fails its checksum"
-    leftovers = [p for p in root.rglob("*") if ".part-" in p.name]
+    leftovers = [p for p in root.rglob("*") if ".tmp-" in p.name]
     assert not leftovers, f"temporary files left: {leftovers[:5]}"
 
 
@@ -106,7 +106,7 @@ def assert_no_bad_file(cache: Path, ds: Dataset, fmt: str) -> None:
         if not path.is_file() or path.name.endswith(".lock"):
             continue
         rel = path.relative_to(root).as_posix()
-        assert ".part-" not in path.name, f"temporary file left: {rel}"
+        assert ".tmp-" not in path.name, f"temporary file left: {rel}"
         assert rel in known, f"unexpected file {rel}"
         assert checksum_file(path) == known[rel], f"{rel} fails its checksum"
 
@@ -269,8 +269,8 @@ def test_killed_fill_resumes(dataset: Dataset, tmp_path: Path) -> None:
 
     for path in cached[::2]:
         path.unlink()
-    (shard / f".{cached[1].name}.part-deadbeef").write_bytes(b"half a fi")
-    (shard / ".index.parquet.part-0badf00d").write_bytes(b"")
+    (shard / f".{cached[1].name}.tmp-0000deadbeef").write_bytes(b"half a fi")
+    (shard / ".index.parquet.tmp-00000badf00d").write_bytes(b"")
     result = invoke(cache_args(dataset, "png", cache))
     assert result.exit_code == 0, result.output
     assert_cache_valid(cache, dataset, "png")

@@ -24,6 +24,7 @@ import torch
 
 from node.loaders import LOADERS, Batch, Loader, LoaderConfig, ShardSlice
 from node.loaders.base import epoch_batches
+from node.loaders.common import ShardMap
 from node.machine import mapped_files
 from shared.formats import FormatKind, get_format
 from shared.shards import read_index, shard_path, write_shard
@@ -233,7 +234,7 @@ def test_loader_contract(case: Case, datasets: dict[tuple[str, bool], str]) -> N
             else:  # chunked containers: at most the chunks of the shards a batch touches
                 chunks = chunk_bytes(config)
                 for b in batches:
-                    touched = np.unique(config.locate(b.positions.numpy())[0])
+                    touched = np.unique(ShardMap(config.shards).locate(b.positions.numpy())[0])
                     assert 0 < b.bytes_read <= sum(chunks[k] for k in touched.tolist())
                 assert total >= sum(chunks)  # every shard's chunk read at least once
     finally:

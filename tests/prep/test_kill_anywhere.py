@@ -47,7 +47,7 @@ def gen(tmp_path_factory: pytest.TempPathFactory) -> datagen.GeneratedCifar:
 
 
 def temp_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if ".tmp-" in p.name or ".part-" in p.name]
+    return [p for p in root.rglob("*") if ".tmp-" in p.name]
 
 
 def kill_and_resume(gen: datagen.GeneratedCifar, tmp_path: Path, point: str, nth: int,

@@ -12,7 +12,8 @@ import pytest
 
 from shared.formats import get_format
 from shared.manifest import INDEX_FILE
-from shared.shards import committed_shard, read_index, shard_path, write_shard
+from shared.shards import (FILES_INDEX_SCHEMA, INDEX_SCHEMA, ShardIndex, committed_shard,
+                           read_index, shard_path, write_shard)
 from shared.storage import PathEscapeError, Store, checksum_bytes
 
 N = 6
@@ -214,3 +215,31 @@ def test_read_index_accepts_plain_files(tmp_path: Path) -> None:
     path = tmp_path / INDEX_FILE
     path.write_bytes(data)
     assert read_index(str(path)).num_rows == 2
+
+
+@pytest.mark.parametrize("format_id, schema", [("png", FILES_INDEX_SCHEMA), ("npy", INDEX_SCHEMA)])
+def test_written_index_follows_the_schema(format_id: str, schema: pa.Schema,
+                                          tmp_path: Path) -> None:
+    store = Store.open(str(tmp_path / "ds"))
+    keys, images, labels = sample_data()
+    entry = write_shard(store, get_format(format_id), "train", 0, keys, images, labels)
+    data = store.read_bytes(f"{entry.path}/{INDEX_FILE}")
+    assert read_index(data).schema.remove_metadata() == schema
+    index = ShardIndex.parse(data)
+    assert index.keys == tuple(keys)
+    assert index.labels.dtype == np.int64 and index.labels.tolist() == labels.tolist()
+    if schema is INDEX_SCHEMA:
+        assert index.files is None and index.sample_files() == []
+    else:
+        assert index.files is not None and len(index.files) == N
+        for (name, checksum, size), in_store in zip(index.sample_files(), index.files):
+            blob = store.read_bytes(f"{entry.path}/{in_store}")
+            assert (name, checksum, size) == (in_store, checksum_bytes(blob), len(blob))
+
+
+def test_shard_index_without_sizes_and_without_labels() -> None:
+    table = pq.read_table(io.BytesIO(_index_with_files(["a.png"]))).drop_columns(["bytes"])
+    index = ShardIndex.from_table(table)
+    assert index.sample_files() == [("a.png", "blake2b:00", None)]  # written before `bytes`
+    with pytest.raises(ValueError, match="'label'"):
+        ShardIndex.from_table(table.drop_columns(["label"]))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from shared import storage
+from shared.fetch import FetchItem
 from shared.manifest import FormatEntry, Manifest, ShardEntry, SplitEntry
 from shared.storage import (
     BadStorageOptions,
@@ -38,7 +39,11 @@ ESCAPES = ["../x", "/etc/passwd", "a/../../b", "s3://x", "C:\\x", "C:x", "a\x00b
 @pytest.fixture(params=["local", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     """A store under a sub-folder/prefix of a local temp folder or a fresh S3 bucket."""
-    if request.param == "local":
+    return _store_of(request.param, request, tmp_path)
+
+
+def _store_of(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    if kind == "local":
         return Store.open(str(tmp_path / "store" / "root"))
     server = request.getfixturevalue("s3_server")
     bucket = request.getfixturevalue("s3_bucket")
@@ -459,3 +464,27 @@ def test_storage_options_from_file_and_environment(tmp_path: Path,
     monkeypatch.setenv(STORAGE_OPTIONS_ENV, "{oops")
     with pytest.raises(BadStorageOptions, match=STORAGE_OPTIONS_ENV):
         parse_storage_options(None)
+
+
+@pytest.mark.parametrize("kind", ["local", "s3", "memory"])
+def test_fetch_many_verifies_and_renames(kind: str, request: pytest.FixtureRequest,
+                                         tmp_path: Path) -> None:
+    """Local copies, s3fs's async client and a synchronous remote file system (memory)
+    all keep only files that match their checksum and size, under their own names."""
+    store = (Store.open(f"memory://fetch-{uuid.uuid4().hex}") if kind == "memory"
+             else _store_of(kind, request, tmp_path))
+    big = os.urandom(9 << 20)  # over the size fetched whole into memory
+    for rel, data in (("d/a", b"hello"), ("d/b", b"world"), ("d/big", big)):
+        store.write_bytes(rel, data)
+    out = tmp_path / "out"
+    out.mkdir()
+    items = [FetchItem("d/a", str(out / "a"), checksum_bytes(b"hello"), 5),
+             FetchItem("d/b", str(out / "b"), "blake2b:00", None),  # bad checksum
+             FetchItem("d/a", str(out / "a2"), checksum_bytes(b"hello"), 4),  # bad size
+             FetchItem("d/big", str(out / "big"), checksum_bytes(big), len(big))]
+    done: list[int] = []
+    assert store.fetch_many(items, threads=2, on_file=done.append) == [5, None, None, len(big)]
+    assert sorted(p.name for p in out.iterdir()) == ["a", "big"]  # no temporaries left
+    assert (out / "big").read_bytes() == big and sum(done) >= 2
+    with pytest.raises(FileNotFoundError, match="d/missing not found"):
+        store.fetch_many([FetchItem("d/missing", str(out / "m"), "blake2b:00", 1)])
