@@ -85,7 +85,10 @@ class CacheStats:
 
 
 def val_split(manifest: Manifest) -> str | None:
-    """The split used for validation: ``val``, else ``validation``, else ``test``."""
+    """The split used for validation: the one prep recorded; in manifests written before
+    prep recorded it, ``val``, else ``validation``, else ``test``."""
+    if manifest.val_split is not None:
+        return manifest.val_split
     for name in VAL_SPLITS:
         if name in manifest.split_names:
             return name

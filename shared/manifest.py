@@ -121,6 +121,9 @@ class Manifest:
     shard_samples: int
     formats: tuple[FormatEntry, ...]
     rejects: tuple[Reject, ...] = ()
+    # The split that validates (recorded by prep from the source); None in manifests
+    # written before it was recorded, and for datasets without one.
+    val_split: str | None = None
     tool_version: str = ""
     created_at: str = ""
     schema_version: int = SCHEMA_VERSION
@@ -137,6 +140,8 @@ class Manifest:
         object.__setattr__(self, "source_url", redact_url(self.source_url))
         ids = [f.id for f in self.formats]
         _require(len(ids) == len(set(ids)), "formats", "format ids repeat")
+        _require(self.val_split is None or self.val_split in self.split_names, "val_split",
+                 f"{self.val_split!r} is not one of the splits {list(self.split_names)}")
 
     # -- lookups
     def format(self, format_id: str) -> FormatEntry:

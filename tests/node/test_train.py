@@ -230,7 +230,10 @@ def test_max_steps_and_cold_unverified(capsys: pytest.CaptureFixture[str]) -> No
     """--cold over batches already in memory: reads show no storage, so every epoch is
     recorded warm, each with one line on stderr."""
     # 64x64 images: the 2 steps consume 768 KiB, so stray reads (a first import) cannot
-    # pass for the epoch's data.
+    # pass for the epoch's data. A first fit pages in the code a first step runs (torch's
+    # kernels, read from disk on a fresh machine, count as this process's reads).
+    Trainer.build(model="convnet", num_classes=2, image_size=64, device="cpu", seed=0,
+                  max_steps=2, optimizer="rmsprop").fit(BrightnessLoader(256, size=64), 2)
     trainer = Trainer.build(model="convnet", num_classes=2, image_size=64, device="cpu",
                             seed=0, max_steps=2, cold=True, optimizer="rmsprop")
     result = trainer.fit(BrightnessLoader(256, size=64), 2)

@@ -42,7 +42,7 @@ def make_manifest(name: str = "cifar10") -> Manifest:
                              total_bytes=9000, conversion_time_s=1.5),
                  FormatEntry(id="png", kind="files", params={"compress_level": 6},
                              shards=shards_png, total_bytes=4500, conversion_time_s=2.0)),
-        rejects=(Reject("data_batch_1:7", "truncated"),), tool_version="0.1.0",
+        rejects=(Reject("data_batch_1:7", "truncated"),), val_split="test", tool_version="0.1.0",
         created_at="2026-01-01T00:00:00Z")
 
 
@@ -61,6 +61,7 @@ def test_round_trip() -> None:
     assert again.split_samples("test") == 2
     assert again.format_ids == ("npy", "png")
     assert again.split_names == ("train", "test")
+    assert again.val_split == "test"
 
 
 def test_save_and_load_from_store(tmp_path: Path) -> None:
@@ -190,6 +191,14 @@ def test_not_an_object_or_not_json() -> None:
     for text in ("[]", "3", '"x"', "{", "not json", b"\xff\xfe"):
         with pytest.raises(ManifestError):
             Manifest.from_json(text)
+
+
+def test_val_split_must_be_a_split() -> None:
+    data = _data()
+    data["val_split"] = "val"
+    _expect_error(data, "val_split")
+    del data["val_split"]  # manifests written before prep recorded it
+    assert Manifest.from_dict(data).val_split is None
 
 
 def test_repeated_format_ids() -> None:
