@@ -14,10 +14,17 @@ from shared.formats.base import (
     ShardReader,
     UnknownFormat,
 )
-from shared.formats.registry import CATALOG, format_id_help, get_format, parse_format_list
+from shared.formats.registry import (
+    CATALOG,
+    FORMATS,
+    format_id_help,
+    get_format,
+    parse_format_list,
+)
 
 __all__ = [
     "CATALOG",
+    "FORMATS",
     "ArrayFormat",
     "FileFormat",
     "FileShardReader",

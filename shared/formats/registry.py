@@ -1,66 +1,102 @@
-"""The one registry of storage formats, keyed by format id.
+"""The one registry of storage formats: :data:`FORMATS`, keyed by each format's own id.
 
-Fixed ids map to factories; ``jpeg-qN``, ``jpeg-qN-444`` and ``webp-qN`` (N = 1..100)
-are parsed.
-The CLI's choices, ``--formats all`` and error messages all come from here.
+An entry is a factory of the format; fixed ids are registered under the id the built
+format reports, so no id is spelled twice. The quality families ``jpeg-qN``,
+``jpeg-qN-444`` and ``webp-qN`` (N = 1..100, canonical spelling only) are registered
+as patterns. The CLI's choices, ``--formats all`` (:data:`CATALOG`) and the error
+messages all come from here.
+
+Adding a format is one module under ``shared/formats/`` and one :func:`register` line
+below (before :data:`CATALOG` is taken).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from functools import partial
 
 from shared.formats.base import Format, UnknownFormat
 from shared.formats.bmp import BmpFormat
-from shared.formats.hdf5 import Hdf5Format
+from shared.formats.hdf5 import HDF5_VARIANTS, Hdf5Format
 from shared.formats.jp2 import Jp2Format
 from shared.formats.jpeg import JpegFormat
 from shared.formats.npy import NpyFormat
 from shared.formats.npy_files import NpyFilesFormat
 from shared.formats.png import PngFormat
-from shared.formats.tiff import TiffFormat
+from shared.formats.tiff import TIFF_VARIANTS, TiffFormat
 from shared.formats.webp import WebpFormat
 from shared.formats.zarr_format import ZarrFormat
+from shared.registry import Registry
 
-FIXED_FORMATS: dict[str, Callable[[], Format]] = {
-    "bmp": BmpFormat,
-    "png": PngFormat,
-    "tiff": lambda: TiffFormat("tiff"),
-    "tiff-lzw": lambda: TiffFormat("tiff-lzw"),
-    "tiff-zip": lambda: TiffFormat("tiff-zip"),
-    "jp2-lossless": lambda: Jp2Format(lossless=True),
-    "jp2-lossy": lambda: Jp2Format(lossless=False),
-    "webp-lossless": WebpFormat,
-    "npy": NpyFormat,
-    "npy-files": NpyFilesFormat,
-    "hdf5": lambda: Hdf5Format("hdf5"),
-    "hdf5-gzip": lambda: Hdf5Format("hdf5-gzip"),
-    "hdf5-lzf": lambda: Hdf5Format("hdf5-lzf"),
-    "zarr": lambda: ZarrFormat(zstd=False),
-    "zarr-zstd": lambda: ZarrFormat(zstd=True),
-}
+FormatFactory = Callable[[], Format]
+_QUALITY = r"(?P<n>[1-9][0-9]?|100)"
 
-# Quality-parameterised families: prefix and suffix around N -> factory taking N
-# (canonical spelling only).
-QUALITY_FORMATS: dict[tuple[str, str], Callable[[int], Format]] = {
-    ("jpeg-q", ""): JpegFormat,
-    ("jpeg-q", "-444"): lambda n: JpegFormat(n, "4:4:4"),
-    ("webp-q", ""): WebpFormat,
-}
-_QUALITY_ID = re.compile(r"^(?P<family>[a-z]+-q)(?P<n>[1-9][0-9]?|100)(?P<suffix>-444)?$")
 
-CATALOG: tuple[str, ...] = (
-    "bmp", "png", "tiff", "tiff-lzw", "tiff-zip", "jpeg-q95", "jpeg-q95-444", "jpeg-q75",
-    "jp2-lossless", "jp2-lossy", "webp-lossless", "webp-q90",
-    "npy", "npy-files", "hdf5", "hdf5-gzip", "hdf5-lzf", "zarr", "zarr-zstd",
-)
+class FormatRegistry(Registry[FormatFactory]):
+    """Format factories; help and the unknown-id message name the catalog first."""
+
+    def __init__(self) -> None:
+        super().__init__("format", error=UnknownFormat)
+        self.catalog: list[str] = []
+
+    def help(self) -> str:
+        fixed = [i for i in self.names() if i not in self.catalog]
+        families = [f.help for f in self._families]
+        return ", ".join([*self.catalog, *fixed, *families]) + ", or 'all' (the catalog)"
+
+    def unknown_message(self, name: str) -> str:
+        return f"unknown format {name!r}; valid: {self.help()}"
+
+
+FORMATS = FormatRegistry()
+
+
+def register(build: FormatFactory, *, catalog: bool = True) -> FormatFactory:
+    """Register ``build`` under the id of the format it builds; ``catalog``: part of
+    ``--formats all``."""
+    format_id = build().id
+    FORMATS.add(format_id, build)
+    if catalog:
+        FORMATS.catalog.append(format_id)
+    return build
+
+
+def register_quality_family(prefix: str, suffix: str, build: Callable[[int], Format]) -> None:
+    """Register ``<prefix>N<suffix>`` for N = 1..100, built by ``build(N)``."""
+    FORMATS.family(re.escape(prefix) + _QUALITY + re.escape(suffix),
+                   lambda match: partial(build, int(match["n"])),
+                   help=f"{prefix}N{suffix} (N = 1..100)")
+
+
+# -- registration, in catalog order
+register(BmpFormat)
+register(PngFormat)
+for _variant in TIFF_VARIANTS:
+    register(partial(TiffFormat, _variant))
+register(partial(JpegFormat, 95))
+register(partial(JpegFormat, 95, "4:4:4"))
+register(partial(JpegFormat, 75))
+register(partial(Jp2Format, lossless=True))
+register(partial(Jp2Format, lossless=False))
+register(WebpFormat)
+register(partial(WebpFormat, 90))
+register(NpyFormat)
+register(NpyFilesFormat)
+for _variant in HDF5_VARIANTS:
+    register(partial(Hdf5Format, _variant))
+register(partial(ZarrFormat, zstd=False))
+register(partial(ZarrFormat, zstd=True))
+register_quality_family("jpeg-q", "", JpegFormat)
+register_quality_family("jpeg-q", "-444", lambda n: JpegFormat(n, "4:4:4"))
+register_quality_family("webp-q", "", WebpFormat)
+
+CATALOG: tuple[str, ...] = tuple(FORMATS.catalog)
 
 
 def format_id_help() -> str:
     """One line naming every valid format id, for ``--help`` and error messages."""
-    fixed = [i for i in FIXED_FORMATS if i not in CATALOG]
-    catalog_extra = [f"{prefix}N{suffix} (N = 1..100)" for prefix, suffix in QUALITY_FORMATS]
-    return ", ".join([*CATALOG, *fixed, *catalog_extra]) + ", or 'all' (the catalog)"
+    return FORMATS.help()
 
 
 def get_format(format_id: str) -> Format:
@@ -69,14 +105,7 @@ def get_format(format_id: str) -> Format:
     Raises:
         UnknownFormat: the id is not registered; the message lists the valid ones.
     """
-    factory = FIXED_FORMATS.get(format_id)
-    if factory is not None:
-        return factory()
-    match = _QUALITY_ID.match(format_id)
-    family = (match["family"], match["suffix"] or "") if match else None
-    if family in QUALITY_FORMATS:
-        return QUALITY_FORMATS[family](int(match["n"]))
-    raise UnknownFormat(f"unknown format {format_id!r}; valid: {format_id_help()}")
+    return FORMATS.get(format_id)()
 
 
 def chroma_subsampling(fmt: Format) -> str:
@@ -103,16 +132,8 @@ def parse_format_list(text: str) -> list[Format]:
             ids.extend(CATALOG if token == "all" else [token])
     if not ids:
         raise UnknownFormat(f"no format given; valid: {format_id_help()}")
-    unknown = []
-    formats: dict[str, Format] = {}
-    for format_id in ids:
-        if format_id in formats:
-            continue
-        try:
-            formats[format_id] = get_format(format_id)
-        except UnknownFormat:
-            unknown.append(format_id)
+    unknown = [i for i in dict.fromkeys(ids) if i not in FORMATS]
     if unknown:
-        names = ", ".join(repr(u) for u in dict.fromkeys(unknown))
+        names = ", ".join(repr(u) for u in unknown)
         raise UnknownFormat(f"unknown format {names}; valid: {format_id_help()}")
-    return list(formats.values())
+    return [get_format(i) for i in dict.fromkeys(ids)]

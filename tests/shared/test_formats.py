@@ -338,3 +338,13 @@ def test_jpeg_444_keeps_full_chroma_and_scores_higher() -> None:
     for bad in ("jpeg-q95-420", "webp-q90-444", "jpeg-q0-444"):
         with pytest.raises(UnknownFormat):
             get_format(bad)
+
+
+def test_registry_is_keyed_by_each_formats_own_id() -> None:
+    """Every fixed entry builds the format of its key; families build the id asked for."""
+    from shared.formats import FORMATS
+
+    assert [get_format(i).id for i in FORMATS] == list(FORMATS.names())
+    assert set(CATALOG) <= set(FORMATS.names())
+    for format_id in ("jpeg-q1", "jpeg-q100-444", "webp-q55"):
+        assert format_id in FORMATS and get_format(format_id).id == format_id
