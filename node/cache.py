@@ -28,17 +28,20 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from filelock import FileLock
 
 from node.errors import UsageError
-from node.loaders.base import ShardSlice
 from shared.fetch import FetchItem, is_tmp_name, unlink_quietly, write_atomic
-from shared.manifest import INDEX_FILE, Manifest, ShardEntry
+from shared.formats import Format, FormatMismatch, UnknownFormat
+from shared.manifest import INDEX_FILE, FormatEntry, Manifest, ShardEntry
 from shared.shards import ShardIndex
 from shared.storage import (PathEscapeError, Store, StorageError, check_relative, checksum_bytes,
                             checksum_file, safe_local_path)
+
+if TYPE_CHECKING:  # node.loaders.base imports torch; the format checks here must not
+    from node.loaders.base import ShardSlice
 
 VAL_SPLITS = ("val", "validation", "test")
 
@@ -47,6 +50,10 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 class CacheError(RuntimeError):
     """The cache could not be filled (disk full, checksum keeps failing...)."""
+
+
+class FormatNotInDataset(UsageError):
+    """A format id the dataset's manifest has no entry for (exit 2)."""
 
 
 class BadIndex(UsageError):
@@ -95,6 +102,37 @@ def val_split(manifest: Manifest) -> str | None:
     return None
 
 
+def format_entry(manifest: Manifest, format_id: str) -> FormatEntry:
+    """The manifest's entry of ``format_id``.
+
+    Raises:
+        FormatNotInDataset: the dataset has no such format; the message lists those it has.
+    """
+    if format_id in manifest.format_ids:
+        return manifest.format(format_id)
+    has = f"dataset {manifest.name!r} has: {', '.join(manifest.format_ids)}"
+    if format_id == "all":
+        raise FormatNotInDataset(f"--format takes one format id, not 'all' (`node-agent "
+                                 f"matrix --formats all` runs every one); {has}")
+    raise FormatNotInDataset(f"format {format_id!r} is not in dataset {manifest.name!r}; "
+                             f"it has: {', '.join(manifest.format_ids)}")
+
+
+def dataset_format(manifest: Manifest, format_id: str) -> Format:
+    """The format the dataset's entry for ``format_id`` says its shards hold, built from
+    that entry (:meth:`Format.from_entry`), not from the id alone.
+
+    Raises:
+        UsageError: the dataset lacks the format (:class:`FormatNotInDataset`), this
+            formatlab does not know it, or its recorded parameters differ.
+    """
+    entry = format_entry(manifest, format_id)
+    try:
+        return Format.from_entry(entry)
+    except (UnknownFormat, FormatMismatch) as exc:
+        raise UsageError(f"dataset {manifest.name!r}: {exc}") from None
+
+
 def assign(manifest: Manifest, format_id: str, split: str, rank: int = 0,
            world_size: int = 1) -> list[ShardRange]:
     """The shard ranges of ``split`` that rank ``rank`` of ``world_size`` reads.
@@ -103,7 +141,8 @@ def assign(manifest: Manifest, format_id: str, split: str, rank: int = 0,
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
-    shards = sorted(manifest.format(format_id).split_shards(split), key=lambda s: s.index)
+    shards = sorted(format_entry(manifest, format_id).split_shards(split),
+                    key=lambda s: s.index)
     n = sum(s.samples for s in shards)
     per_rank = n // world_size
     lo, hi = rank * per_rank, (rank + 1) * per_rank
@@ -311,6 +350,8 @@ def _scan(folder: Path) -> set[str]:
 
 def _slice(location: str | Path, index: ShardIndex, rng: ShardRange) -> ShardSlice:
     """The read slice of one shard at ``location`` (a cached folder or a store URL)."""
+    from node.loaders.base import ShardSlice
+
     return ShardSlice(location=str(location), labels=index.labels, files=index.files,
                       start=rng.start, stop=rng.stop, keys=index.keys)
 
@@ -332,5 +373,6 @@ def remote_slices(store: Store, manifest: Manifest,
     return out
 
 
-__all__ = ["CacheError", "CacheStats", "ShardCache", "ShardRange", "StorageError", "assign",
-           "remote_slices", "val_split"]
+__all__ = ["CacheError", "CacheStats", "FormatNotInDataset", "ShardCache", "ShardRange",
+           "StorageError", "assign", "dataset_format", "format_entry", "remote_slices",
+           "val_split"]

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import abc
 import io
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from shared.manifest import FormatEntry
 
 
 class FormatKind(str, Enum):
@@ -27,6 +31,10 @@ class FormatKind(str, Enum):
 
 class UnknownFormat(ValueError):
     """A format id that the registry does not know."""
+
+
+class FormatMismatch(ValueError):
+    """A dataset's format entry that this formatlab's format of that id does not match."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,44 @@ class Format(abc.ABC):
     @property
     def bits_per_channel(self) -> int:
         return 8
+
+    @classmethod
+    def from_entry(cls, entry: FormatEntry) -> Format:
+        """The format a dataset's manifest entry says its shards hold.
+
+        Built from the entry's id by the registry; the entry's recorded kind and
+        parameters must agree with the registry's. A parameter the entry does not
+        record is taken as the registry's (manifests written before it was recorded).
+
+        Raises:
+            UnknownFormat: the id is not registered.
+            FormatMismatch: the kind or a recorded parameter differs (one line naming
+                the id and the parameter).
+        """
+        from shared.formats.registry import get_format
+
+        fmt = get_format(entry.id)
+        if not isinstance(fmt, cls):
+            raise FormatMismatch(f"format {entry.id!r} is a {type(fmt).__name__}, "
+                                 f"not a {cls.__name__}")
+        fmt.check_entry(entry)
+        return fmt
+
+    def check_entry(self, entry: FormatEntry) -> None:
+        """Refuse a manifest entry whose kind or recorded parameters differ from this
+        format's (see :meth:`from_entry`)."""
+        written = f"format {self.id!r}: the dataset was written with"
+        if entry.kind != self.kind.value:
+            raise FormatMismatch(f"{written} kind {entry.kind!r}, this formatlab's "
+                                 f"{self.id} is {self.kind.value!r}; convert it again")
+        ours = json.loads(json.dumps(dict(self.params)))  # as the manifest stores them
+        for key, value in entry.params.items():
+            if key not in ours:
+                raise FormatMismatch(f"{written} parameter {key}={value!r}, which this "
+                                     f"formatlab's {self.id} does not have; convert it again")
+            if ours[key] != value:
+                raise FormatMismatch(f"{written} {key}={value!r}, this formatlab's "
+                                     f"{self.id} has {key}={ours[key]!r}; convert it again")
 
     def describe(self) -> dict[str, Any]:
         """The format's row of the report's format table."""

@@ -17,11 +17,14 @@ from shared.formats import (
     CATALOG,
     Format,
     FormatKind,
+    FormatMismatch,
     SampleFile,
     UnknownFormat,
     get_format,
     parse_format_list,
 )
+from shared.formats.jpeg import JpegFormat
+from shared.manifest import FormatEntry
 from shared.quality import psnr
 from shared.storage import Store, checksum_file
 
@@ -348,3 +351,35 @@ def test_registry_is_keyed_by_each_formats_own_id() -> None:
     assert set(CATALOG) <= set(FORMATS.names())
     for format_id in ("jpeg-q1", "jpeg-q100-444", "webp-q55"):
         assert format_id in FORMATS and get_format(format_id).id == format_id
+
+
+def _entry(format_id: str, kind: str, params: dict) -> FormatEntry:
+    return FormatEntry(id=format_id, kind=kind, params=params, shards=(), total_bytes=0,
+                       conversion_time_s=0.0)
+
+
+@pytest.mark.parametrize("format_id", [*CATALOG, "jpeg-q50-444", "webp-q10"])
+def test_format_from_its_manifest_entry(format_id: str) -> None:
+    """What prep records (params through JSON, as manifest.json holds them) builds the
+    same format back."""
+    fmt = get_format(format_id)
+    recorded = json.loads(json.dumps(dict(fmt.params)))
+    again = Format.from_entry(_entry(format_id, fmt.kind.value, recorded))
+    assert (type(again), again.id, dict(again.params)) == (type(fmt), fmt.id, dict(fmt.params))
+    # Written before a parameter was recorded: the registry's value stands.
+    assert Format.from_entry(_entry(format_id, fmt.kind.value, {})).id == format_id
+
+
+def test_format_entry_with_other_parameters_is_refused_in_one_line() -> None:
+    params = dict(get_format("jpeg-q95").params, quality=90)
+    with pytest.raises(FormatMismatch, match=r"^format 'jpeg-q95': .*quality=90.* "
+                                             r"has quality=95; convert it again$"):
+        Format.from_entry(_entry("jpeg-q95", "files", params))
+    with pytest.raises(FormatMismatch, match=r"'npy'.*parameter order2='C'.*does not have"):
+        Format.from_entry(_entry("npy", "array", {"order2": "C"}))
+    with pytest.raises(FormatMismatch, match=r"'png'.*kind 'array'.*is 'files'"):
+        Format.from_entry(_entry("png", "array", {}))
+    with pytest.raises(FormatMismatch, match="not a JpegFormat"):
+        JpegFormat.from_entry(_entry("png", "files", {}))
+    with pytest.raises(UnknownFormat, match="unknown format 'jpeg-q0'"):
+        Format.from_entry(_entry("jpeg-q0", "files", {}))
