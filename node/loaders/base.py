@@ -22,7 +22,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from shared.formats import Format
+from shared.formats import ArrayFormat, Format
+from shared.formats.base import ArrayShardReader
 
 
 class LoaderUnavailable(RuntimeError):
@@ -101,6 +102,19 @@ class Batch:
     read_s: float | None = None
     decode_s: float | None = None
     h2d_s: float | None = None
+
+
+def open_array_readers(config: LoaderConfig) -> list[ArrayShardReader]:
+    """One reader per shard slice of an array format (each opens its files lazily).
+
+    Raises:
+        ValueError: ``config.fmt`` is not an array format.
+    """
+    fmt = config.fmt
+    if not isinstance(fmt, ArrayFormat):
+        raise ValueError(f"{fmt.id} is not an array format")
+    return [fmt.open_reader(s.location, num_samples=len(s.labels),
+                            storage_options=config.storage_options) for s in config.shards]
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:

@@ -89,7 +89,7 @@ class FileBatchReader(BatchReader):
         else:
             out = images.numpy()
             for k, d in enumerate(data):
-                image = self.fmt.decode(d)  # type: ignore[arg-type]  # bytes-like is enough
+                image = self.fmt.decode(d)
                 self._check_shape(image.shape, paths[k])
                 out[k] = image
         return self.host_batch(images, positions, sum(len(d) for d in data),

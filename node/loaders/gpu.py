@@ -274,3 +274,19 @@ def rank_files(shards: Sequence[ShardSlice]) -> list[str]:
         root = os.path.abspath(s.location)
         paths.extend(os.path.join(root, check_relative(name)) for name in s.files[s.start:s.stop])
     return paths
+
+
+def ensure_open_files(needed: int) -> bool:
+    """Raise the soft open-files limit towards ``needed`` (up to the hard limit).
+
+    Returns:
+        Whether ``needed`` descriptors may now be open.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return True
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target >= needed

@@ -56,11 +56,12 @@ from node.loaders.gds import (
     nvfs_read_counters,
     set_kvikio_settings,
 )
-from node.loaders.gpu import cuda_device_index, rank_files, requirements_reason
+from node.loaders.gpu import (cuda_device_index, ensure_open_files, rank_files,
+                              requirements_reason)
+from node.loaders.read_plan import ALIGN, ReadPlan, align_up, aligned_start, plan_reads
 from shared.formats import Format
-from shared.formats.npy import IMAGES_FILE, NpyLayout, npy_layout
+from shared.formats.npy import NpyFormat, NpyLayout, npy_layout
 
-ALIGN = 4096  # GDS's page: direct DMA needs file offsets (and buffers) on 4 KiB boundaries
 MAX_IO_THREADS = 16
 
 
@@ -69,117 +70,6 @@ def io_threads(workers: int) -> int:
     return max(1, min(MAX_IO_THREADS, workers))
 
 
-def aligned_start(ptr: int, align: int = ALIGN) -> int:
-    """Bytes to skip from address ``ptr`` to the next ``align`` boundary.
-
-    CuPy's memory pool hands out 512-byte-aligned blocks (cupy/cuda/memory.pyx,
-    ``ALLOCATION_UNIT_SIZE``); GDS wants 4 KiB-aligned GPU buffers for direct DMA.
-    """
-    return -ptr % align
-
-
-# --------------------------------------------------------------------------- pure helpers
-
-def align_down(x: int, align: int = ALIGN) -> int:
-    return x // align * align
-
-
-def align_up(x: int, align: int = ALIGN) -> int:
-    return -(-x // align) * align
-
-
-def sample_runs(sorted_indices: np.ndarray) -> list[tuple[int, int]]:
-    """Runs of consecutive indices in a sorted, unique array: ``(first, count)``."""
-    idx = np.asarray(sorted_indices, dtype=np.int64)
-    if not idx.size:
-        return []
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [idx.size]))
-    return [(int(idx[a]), int(b - a)) for a, b in zip(starts, ends, strict=True)]
-
-
-@dataclass(frozen=True)
-class ReadRange:
-    """One read: ``size`` bytes at ``file_offset`` into the staging buffer at ``buffer_offset``."""
-
-    file_offset: int
-    size: int
-    buffer_offset: int
-
-
-@dataclass(frozen=True)
-class ReadPlan:
-    """The reads for one file and where each run of samples lands in the staging buffer.
-
-    Attributes:
-        ranges: the reads, in file order, each at a 4 KiB-aligned buffer offset.
-        runs: ``(first index, count, buffer offset of the first sample's data)``.
-        nbytes: staging bytes the plan needs.
-    """
-
-    ranges: tuple[ReadRange, ...]
-    runs: tuple[tuple[int, int, int], ...]
-    nbytes: int
-
-    @property
-    def read_bytes(self) -> int:
-        return sum(r.size for r in self.ranges)
-
-
-def plan_reads(sorted_indices: np.ndarray, *, data_offset: int, sample_bytes: int,
-               file_size: int, align: int = ALIGN, buffer_base: int = 0) -> ReadPlan:
-    """Coalesce the samples of one ``.npy`` into aligned covering reads.
-
-    Args:
-        sorted_indices: sorted, unique sample indices inside the file.
-        data_offset: where sample 0 starts (the header length).
-        sample_bytes: bytes per sample.
-        file_size: the file's size; a covering read never goes past it.
-        align: the alignment of file offsets and buffer offsets.
-        buffer_base: the staging offset the plan starts at (a multiple of ``align``).
-    """
-    runs = sample_runs(sorted_indices)
-    spans: list[list[int]] = []  # merged aligned [start, end) file ranges
-    run_span: list[int] = []
-    for first, count in runs:
-        start = data_offset + first * sample_bytes
-        end = start + count * sample_bytes
-        if end > file_size:
-            raise ValueError(f"samples {first}..{first + count - 1} end at byte {end}, "
-                             f"past the file's {file_size} bytes")
-        a, b = align_down(start, align), min(align_up(end, align), file_size)
-        if spans and a <= spans[-1][1]:  # overlaps or touches the previous read
-            spans[-1][1] = max(spans[-1][1], b)
-        else:
-            spans.append([a, b])
-        run_span.append(len(spans) - 1)
-    ranges = []
-    cursor = buffer_base
-    for a, b in spans:
-        ranges.append(ReadRange(file_offset=a, size=b - a, buffer_offset=cursor))
-        cursor += align_up(b - a, align)
-    placed = tuple(
-        (first, count,
-         ranges[k].buffer_offset + data_offset + first * sample_bytes - ranges[k].file_offset)
-        for (first, count), k in zip(runs, run_span, strict=True))
-    return ReadPlan(tuple(ranges), placed, cursor - buffer_base)
-
-
-def _ensure_open_files(needed: int) -> bool:
-    """Raise the soft open-files limit towards ``needed`` (up to the hard limit).
-
-    Returns:
-        Whether ``needed`` descriptors may now be open.
-    """
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= needed:
-        return True
-    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return target >= needed
 
 
 def without_direct_io(handle: Any) -> bool:
@@ -304,18 +194,22 @@ class KvikioLoader(Loader):
                 if bounds[k + 1] == bounds[k]:  # an empty range: nothing to read there
                     self._header.append(0)
                     continue
-                layout = self._check_layout(npy_layout(self._paths[bounds[k]]), sample=True)
-                self._header.append(layout.data_offset)
+                layout = npy_layout(self._paths[bounds[k]])
+                self._header.append(layout.require(c.image_shape, per_sample=True,
+                                                   who=self.name).data_offset)
             # Every file's handle stays open for the run (two descriptors each) where the
             # open-files limit allows; else each read opens and closes its file.
-            self._keep_handles = _ensure_open_files(2 * len(self._paths) + 256)
+            self._keep_handles = ensure_open_files(2 * len(self._paths) + 256)
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="kvikio-files")
         else:
             # Each CuFile holds two descriptors (buffered and O_DIRECT) for the whole run.
-            _ensure_open_files(2 * len(c.shards) + 256)
+            ensure_open_files(2 * len(c.shards) + 256)
+            assert isinstance(c.fmt, NpyFormat)  # supports() admits npy and npy-files only
             for s in c.shards:
-                path = os.path.join(s.location, IMAGES_FILE)
-                self._layouts.append(self._check_layout(npy_layout(path), sample=False))
+                reader = c.fmt.open_reader(s.location)  # where the npy format keeps images
+                path = str(reader.path)
+                self._layouts.append(reader.layout().require(c.image_shape, per_sample=False,
+                                                             who=self.name))
                 self._sizes.append(os.path.getsize(path))
                 handle = kvikio.CuFile(path, "r")
                 self._handles.append(handle)
@@ -323,16 +217,6 @@ class KvikioLoader(Loader):
                     self._fallback.append(path)
         self._labels = torch.from_numpy(self._map.labels).to(c.device)
         self._opened = True
-
-    def _check_layout(self, layout: NpyLayout, *, sample: bool) -> NpyLayout:
-        shape = layout.shape if sample else layout.shape[1:]
-        if layout.dtype != np.uint8 or layout.fortran_order or \
-                tuple(shape) != tuple(self.config.image_shape):
-            raise ValueError(f"{self.name}: expected C-order uint8 "
-                             f"{'(H, W, C)' if sample else '(N, H, W, C)'} with images "
-                             f"{tuple(self.config.image_shape)}, got {layout.dtype} "
-                             f"{layout.shape} (fortran_order={layout.fortran_order})")
-        return layout
 
     # ----------------------------------------------------------------- reading
 

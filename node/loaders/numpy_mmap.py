@@ -25,9 +25,10 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from node.loaders.base import Batch, Loader, LoaderConfig
+from node.loaders.base import Batch, Loader, LoaderConfig, open_array_readers
 from node.loaders.common import ShardMap, empty_batch
 from shared.formats import Format
+from shared.formats.base import ArrayShardReader
 
 
 class _Staging:
@@ -86,17 +87,16 @@ class NumpyMmapLoader(Loader):
     def __init__(self, config: LoaderConfig) -> None:
         super().__init__(config)
         self._map = ShardMap(config.shards)
-        self._readers: list = []
+        self._readers: list[ArrayShardReader] = []
         self._arrays: list[np.ndarray] = []
         self._open()
         self._sample_bytes = int(np.prod(config.image_shape))
 
     def _open(self) -> None:
         config = self.config
-        self._readers = [config.fmt.open_reader(s.location, num_samples=len(s.labels))
-                         for s in config.shards]
+        self._readers = open_array_readers(config)
         # Plain ndarray views: np.memmap's subclass hooks cost time on every take.
-        self._arrays = [np.asarray(r.images_array()) for r in self._readers]  # type: ignore[attr-defined]
+        self._arrays = [np.asarray(r.images_array()) for r in self._readers]
         for s, a in zip(config.shards, self._arrays, strict=True):
             if a.shape[1:] != tuple(config.image_shape) or len(a) < s.stop:
                 raise ValueError(f"{s.location}: images.npy is {a.shape}, expected at least "

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from node.loaders.base import LoaderConfig
+from node.loaders.base import LoaderConfig, open_array_readers
 from node.loaders.common import BatchReader, HostBatch, WorkerLoader
 from shared.formats import Format
 
@@ -25,9 +25,7 @@ class ZarrBatchReader(BatchReader):
 
     def __init__(self, config: LoaderConfig) -> None:
         super().__init__(config)
-        self.shards = [config.fmt.open_reader(s.location, num_samples=len(s.labels),
-                                              storage_options=config.storage_options)
-                       for s in config.shards]
+        self.shards = open_array_readers(config)
 
     def read(self, positions: np.ndarray) -> HostBatch:
         positions = np.sort(positions)
@@ -36,10 +34,9 @@ class ZarrBatchReader(BatchReader):
         stored = 0
         for shard, part, index in self.shard_map.groups(positions):
             reader = self.shards[shard]
-            array = reader.images_array()  # type: ignore[attr-defined]
-            # Opening the group reads its metadata; count only the batch's chunks.
+            reader.images_array()  # opening reads the group's metadata: not the batch's
             before = reader.bytes_read
-            out[part] = array.oindex[index]
+            reader.read_into(index, out[part])
             stored += reader.bytes_read - before
         return self.host_batch(images, positions, stored)
 

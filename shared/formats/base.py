@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -113,6 +113,34 @@ class ShardReader(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ImageArray(Protocol):
+    """A shard's images as one array-like, uint8 (N, H, W, C): a NumPy memory map, an
+    h5py dataset, a zarr array. Indexing by an int or a slice reads those samples."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, key: Any) -> Any: ...
+
+
+class ArrayShardReader(ShardReader):
+    """The reader of an array format: the shard's images as one array, its labels as
+    another, and sorted reads straight into a caller's buffer."""
+
+    @abc.abstractmethod
+    def images_array(self) -> ImageArray:
+        """The shard's images, opened in this process (lazily; reopened after a fork)."""
+
+    @abc.abstractmethod
+    def labels_array(self) -> np.ndarray:
+        """The shard's labels, int64 (N,)."""
+
+    def read_into(self, sorted_indices: np.ndarray, out: np.ndarray) -> None:
+        """Read sorted, unique, in-range samples into ``out`` (len(indices), H, W, C),
+        adding what was read from storage to :attr:`bytes_read`."""
+        out[...] = self.read_batch(sorted_indices)
 
 
 @dataclass(frozen=True)
@@ -217,12 +245,25 @@ class Format(abc.ABC):
 
 
 class ArrayFormat(Format):
-    """A lossless format whose shard is a few container files, not one file per sample."""
+    """A lossless format whose shard is a few container files, not one file per sample.
+
+    Attributes:
+        data_files: the files (or, for Zarr, the folder) a shard holds besides its index,
+            relative to the shard folder: the layout, declared once, here.
+    """
+
+    data_files: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, id: str, family: str, params: Mapping[str, Any] | None = None, *,
                  compression: str = "none") -> None:
         super().__init__(id=id, family=family, kind=FormatKind.ARRAY, lossless=True,
                          params=dict(params or {}), compression=compression)
+
+    @abc.abstractmethod
+    def open_reader(self, shard_dir: str | Path, files: Sequence[str] | None = None,
+                    *, num_samples: int | None = None,
+                    storage_options: Mapping[str, Any] | None = None) -> ArrayShardReader:
+        """Open a committed shard (see :meth:`Format.open_reader`)."""
 
 
 class FileFormat(Format):
@@ -242,7 +283,7 @@ class FileFormat(Format):
         """Encode one uint8 HWC image."""
 
     @abc.abstractmethod
-    def decode(self, data: bytes) -> np.ndarray:
+    def decode(self, data: bytes | bytearray) -> np.ndarray:
         """Decode one file's bytes to uint8 HWC (RGB)."""
 
     def write_shard(self, out_dir: Path, images: np.ndarray,
@@ -297,7 +338,7 @@ class PillowFormat(FileFormat):
         Image.fromarray(image).save(buf, format=self.pillow_format, **self.save_options)
         return buf.getvalue()
 
-    def decode(self, data: bytes) -> np.ndarray:
+    def decode(self, data: bytes | bytearray) -> np.ndarray:
         from PIL import Image
 
         # Only this codec's parser: a file is never sniffed as some other format.

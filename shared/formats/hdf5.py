@@ -3,6 +3,12 @@
 
 h5py handles must not cross a fork, so a reader opens the file on first use in each
 process (a DataLoader worker forked from the process that built the reader reopens it).
+
+Sorted reads (:meth:`Hdf5ShardReader.read_into`) read each run of consecutive indices
+as one slice. h5py's fancy indexing (``dset[sorted_idx]``) is not used there: with HDF5
+2.0 it measured about 25x slower per sample than single-sample reads (it builds one
+hyperslab union per call). ``bytes_read`` is the stored (compressed) size of the chunks
+read, from HDF5's chunk index; for a contiguous dataset, the samples' ``nbytes``.
 """
 
 from __future__ import annotations
@@ -10,11 +16,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from shared.formats.base import ArrayFormat, ShardReader, check_shard_arrays, gather_sorted, is_url
+from shared.formats.base import (ArrayFormat, ArrayShardReader, check_shard_arrays, gather_sorted,
+                                 is_url)
 
 DATA_FILE = "data.h5"
 
@@ -28,6 +35,8 @@ HDF5_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 class Hdf5Format(ArrayFormat):
     """One HDF5 file per shard, chunked per sample so a sample read touches one chunk."""
+
+    data_files: ClassVar[tuple[str, ...]] = (DATA_FILE,)
 
     def __init__(self, id: str) -> None:
         if id not in HDF5_VARIANTS:
@@ -59,7 +68,36 @@ class Hdf5Format(ArrayFormat):
         return Hdf5ShardReader(Path(shard_dir) / DATA_FILE, num_samples=num_samples)
 
 
-class Hdf5ShardReader(ShardReader):
+def stored_chunk_sizes(dataset: Any) -> np.ndarray | None:
+    """Stored bytes of each chunk of an h5py dataset along axis 0, or None when the
+    dataset is contiguous. HDF5 < 1.12.3 cannot iterate chunks: then their mean."""
+    if dataset.chunks is None:
+        return None
+    rows = dataset.chunks[0]
+    sizes = np.zeros((len(dataset) + rows - 1) // rows, dtype=np.int64)
+
+    def record(info: Any) -> None:
+        sizes[info.chunk_offset[0] // rows] += info.size
+
+    try:
+        dataset.id.chunk_iter(record)
+    except AttributeError:
+        sizes[:] = dataset.id.get_storage_size() // max(1, len(sizes))
+    return sizes
+
+
+def read_runs(dataset: Any, index: np.ndarray, out: np.ndarray) -> None:
+    """Read sorted, unique ``index`` into ``out``, one slice per run of consecutive indices."""
+    breaks = (np.flatnonzero(np.diff(index) != 1) + 1).tolist()
+    for lo, hi in zip([0, *breaks], [*breaks, len(index)], strict=True):
+        first = int(index[lo])
+        if hi - lo == 1:
+            out[lo] = dataset[first]
+        else:
+            out[lo:hi] = dataset[first:first + hi - lo]
+
+
+class Hdf5ShardReader(ArrayShardReader):
     """Reads ``images`` of a shard's HDF5 file, opened lazily once per process."""
 
     def __init__(self, path: Path, *, num_samples: int | None = None) -> None:
@@ -69,49 +107,55 @@ class Hdf5ShardReader(ShardReader):
         self._file: Any = None
         self._pid: int | None = None
         self._chunk_bytes: np.ndarray | None = None
+        self._sized = False
 
-    def _dataset(self) -> Any:
+    def _open(self) -> Any:
         if self._file is None or self._pid != os.getpid():
             import h5py
 
             # A handle inherited through fork belongs to the parent: drop it unclosed.
             self._file = h5py.File(self.path, "r")
             self._pid = os.getpid()
-        return self._file["images"]
+        return self._file
 
-    def images_dataset(self) -> Any:
+    def images_array(self) -> Any:
         """The ``images`` h5py dataset, opened in this process."""
-        return self._dataset()
+        return self._open()["images"]
+
+    def labels_array(self) -> np.ndarray:
+        return np.asarray(self._open()["labels"][...], dtype=np.int64)
 
     def _stored_bytes(self, idx: np.ndarray) -> int:
+        """Stored bytes of the chunks holding sorted, unique samples ``idx``."""
+        ds = self.images_array()
+        if not self._sized:
+            self._chunk_bytes, self._sized = stored_chunk_sizes(ds), True
         if self._chunk_bytes is None:
-            ds = self._dataset()
-            sizes = np.zeros(len(ds), dtype=np.int64)
-            try:
-                ds.id.chunk_iter(lambda info: sizes.__setitem__(info.chunk_offset[0], info.size))
-            except AttributeError:  # HDF5 < 1.12.3 has no chunk iteration: use the mean
-                sizes[:] = ds.id.get_storage_size() // max(1, len(ds))
-            self._chunk_bytes = sizes
-        return int(self._chunk_bytes[idx].sum())
+            return len(idx) * int(np.prod(ds.shape[1:])) * ds.dtype.itemsize
+        return int(self._chunk_bytes[np.unique(idx // ds.chunks[0])].sum())
 
     def __len__(self) -> int:
         if self._num_samples is None:
-            self._num_samples = len(self._dataset())
+            self._num_samples = len(self.images_array())
         return self._num_samples
 
     def read(self, i: int) -> np.ndarray:
-        sample = self._dataset()[i]
+        sample = self.images_array()[i]
         self.bytes_read += self._stored_bytes(np.array([i]))
         return sample
 
     def read_batch(self, indices: Sequence[int]) -> np.ndarray:
-        ds = self._dataset()
+        ds = self.images_array()
 
         def take(idx: np.ndarray) -> np.ndarray:
             self.bytes_read += self._stored_bytes(idx)
             return ds[idx]
 
         return gather_sorted(take, indices, len(ds))
+
+    def read_into(self, sorted_indices: np.ndarray, out: np.ndarray) -> None:
+        read_runs(self.images_array(), sorted_indices, out)
+        self.bytes_read += self._stored_bytes(sorted_indices)
 
     def close(self) -> None:
         if self._file is not None and self._pid == os.getpid():

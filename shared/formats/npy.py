@@ -19,11 +19,12 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 import numpy as np
 
-from shared.formats.base import ArrayFormat, ShardReader, check_shard_arrays, gather_sorted, is_url
+from shared.formats.base import (ArrayFormat, ArrayShardReader, check_shard_arrays, gather_sorted,
+                                 is_url)
 
 IMAGES_FILE = "images.npy"
 LABELS_FILE = "labels.npy"
@@ -73,6 +74,21 @@ class NpyLayout:
     dtype: np.dtype
     fortran_order: bool
 
+    def require(self, image_shape: tuple[int, ...], *, per_sample: bool, who: str) -> "NpyLayout":
+        """This layout, if it holds C-order uint8 images of ``image_shape`` (one image
+        when ``per_sample``, else N of them, as ``images.npy``).
+
+        Raises:
+            ValueError: naming ``who`` and what the header says instead.
+        """
+        shape = self.shape if per_sample else self.shape[1:]
+        if self.dtype != np.uint8 or self.fortran_order or tuple(shape) != tuple(image_shape):
+            raise ValueError(f"{who}: expected C-order uint8 "
+                             f"{'(H, W, C)' if per_sample else '(N, H, W, C)'} with images "
+                             f"{tuple(image_shape)}, got {self.dtype} {self.shape} "
+                             f"(fortran_order={self.fortran_order})")
+        return self
+
 
 def npy_layout(path: str | Path) -> NpyLayout:
     """Read a ``.npy`` header with NumPy's own functions (format 1.0 or 2.0).
@@ -95,6 +111,8 @@ def npy_layout(path: str | Path) -> NpyLayout:
 class NpyFormat(ArrayFormat):
     """All of a shard's pixels in one C-order ``.npy`` (NumPy format 1.0)."""
 
+    data_files: ClassVar[tuple[str, ...]] = (IMAGES_FILE, LABELS_FILE)
+
     def __init__(self) -> None:
         super().__init__("npy", "npy", {"npy_version": ".".join(map(str, NPY_VERSION)),
                                         "order": "C", "data_offset": DATA_OFFSET})
@@ -112,13 +130,22 @@ class NpyFormat(ArrayFormat):
         return NpyShardReader(Path(shard_dir))
 
 
-class NpyShardReader(ShardReader):
-    """Reads a shard's ``images.npy`` through a read-only memory map (opened on first use)."""
+class NpyShardReader(ArrayShardReader):
+    """Reads a shard's ``images.npy`` through a read-only memory map (opened on first use).
+
+    Attributes:
+        path: the shard's ``images.npy`` (loaders that read the file themselves, with
+            cuFile, take it and :meth:`layout` from here).
+    """
 
     def __init__(self, shard_dir: Path) -> None:
         self.path = shard_dir / IMAGES_FILE
         self.bytes_read = 0
         self._images: np.ndarray | None = None
+
+    def layout(self) -> NpyLayout:
+        """Where the data of ``images.npy`` starts and what it holds (its header)."""
+        return npy_layout(self.path)
 
     def images_array(self) -> np.ndarray:
         """The read-only memory map of the whole shard, uint8 (N, H, W, C)."""
@@ -151,6 +178,12 @@ class NpyShardReader(ShardReader):
             return data
 
         return gather_sorted(take, indices, len(images))
+
+    def read_into(self, sorted_indices: np.ndarray, out: np.ndarray) -> None:
+        # mode="clip": the caller's indices are in range, and "raise" would buffer `out`
+        # through a temporary copy.
+        self.images_array().take(sorted_indices, axis=0, out=out, mode="clip")
+        self.bytes_read += out.nbytes
 
     def close(self) -> None:
         self._images = None

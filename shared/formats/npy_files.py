@@ -29,7 +29,7 @@ class NpyFilesFormat(FileFormat):
         write_npy(buf, image)
         return buf.getvalue()
 
-    def decode(self, data: bytes) -> np.ndarray:
+    def decode(self, data: bytes | bytearray) -> np.ndarray:
         image = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
         if image.dtype != np.uint8 or image.ndim != 3:
             raise ValueError(f"npy-files: expected uint8 (H, W, C), got {image.dtype} "

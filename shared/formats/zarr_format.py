@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from shared.formats.base import ArrayFormat, ShardReader, check_shard_arrays, gather_sorted, is_url
+from shared.formats.base import (ArrayFormat, ArrayShardReader, check_shard_arrays, gather_sorted,
+                                 is_url)
 
 GROUP = "data.zarr"
 MAX_CHUNK_SAMPLES = 64
@@ -31,6 +32,8 @@ def chunk_samples(sample_bytes: int) -> int:
 
 class ZarrFormat(ArrayFormat):
     """A Zarr v3 group per shard, uncompressed or Zstandard-compressed."""
+
+    data_files: ClassVar[tuple[str, ...]] = (GROUP,)
 
     def __init__(self, zstd: bool) -> None:
         codec = {"compressor": f"zstd-{ZSTD_LEVEL}" if zstd else "none"}
@@ -108,7 +111,7 @@ def _counting_store(location: str, storage_options: Mapping[str, Any] | None,
     return CountingStore(store)
 
 
-class ZarrShardReader(ShardReader):
+class ZarrShardReader(ArrayShardReader):
     """Reads a shard's Zarr group from a folder or URL, opened lazily once per process.
 
     Attributes:
@@ -161,6 +164,11 @@ class ZarrShardReader(ShardReader):
         # oindex fetches and decodes each chunk touched once, chunks concurrently.
         return gather_sorted(lambda idx: np.ascontiguousarray(arr.oindex[idx]), indices,
                              arr.shape[0])
+
+    def read_into(self, sorted_indices: np.ndarray, out: np.ndarray) -> None:
+        # oindex fetches and decodes each chunk touched once; the counting store adds
+        # the stored bytes it returned to bytes_read.
+        out[...] = self.images_array().oindex[sorted_indices]
 
     def close(self) -> None:
         self._group = self._images = None

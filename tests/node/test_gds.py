@@ -18,7 +18,8 @@ import torch
 from node.loaders import gds, gpu
 from node.loaders.cupy_loader import TRAINING_RESERVE_BYTES, vram_budget
 from node.loaders.gds import GdsObservation, NvfsReads, decide_io_path
-from node.loaders.kvikio_loader import ALIGN, aligned_start, io_threads
+from node.loaders.kvikio_loader import io_threads
+from node.loaders.read_plan import ALIGN, aligned_start
 from shared.formats import get_format
 from shared.formats.npy import DATA_OFFSET, npy_layout, write_npy
 

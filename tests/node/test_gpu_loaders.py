@@ -22,14 +22,8 @@ from node.loaders.cupy_loader import CupyLoader
 from node.loaders.dali import DaliGdsLoader, DaliLoader
 from node.loaders import gds
 from node.loaders.gds import NvfsReads, parse_nvfs_reads
-from node.loaders.kvikio_loader import (
-    ALIGN,
-    KvikioLoader,
-    align_down,
-    align_up,
-    plan_reads,
-    sample_runs,
-)
+from node.loaders.kvikio_loader import KvikioLoader
+from node.loaders.read_plan import ALIGN, align_down, align_up, plan_reads, sample_runs
 from node.loaders.nvjpeg import JpegBytesReader, NvjpegLoader
 from shared.formats import CATALOG, get_format
 from shared.formats.npy import npy_layout

@@ -15,6 +15,7 @@ from PIL import Image
 
 from shared.formats import (
     CATALOG,
+    ArrayShardReader,
     Format,
     FormatKind,
     FormatMismatch,
@@ -383,3 +384,25 @@ def test_format_entry_with_other_parameters_is_refused_in_one_line() -> None:
         JpegFormat.from_entry(_entry("png", "files", {}))
     with pytest.raises(UnknownFormat, match="unknown format 'jpeg-q0'"):
         Format.from_entry(_entry("jpeg-q0", "files", {}))
+
+
+@pytest.mark.parametrize("format_id", ARRAY_FORMATS)
+def test_array_formats_declare_their_files_and_read_sorted_batches(shards,
+                                                                   format_id: str) -> None:
+    """An array format's ``data_files`` are exactly what its shard holds; its reader keeps
+    the array-reader protocol (images and labels arrays, sorted reads into a buffer)."""
+    w = shards[format_id, SHAPES[1]]
+    assert sorted(p.name for p in w.dir.iterdir()) == sorted(w.fmt.data_files)
+    idx = np.array([0, 2, 3, 5])
+    with w.reader() as reader:
+        assert isinstance(reader, ArrayShardReader)
+        assert reader.images_array().shape == w.images.shape
+        np.testing.assert_array_equal(reader.labels_array(), w.labels)
+        out = np.zeros((len(idx), *w.images.shape[1:]), dtype=np.uint8)
+        reader.images_array()  # opened: only the read below counts
+        before = reader.bytes_read
+        reader.read_into(idx, out)
+        np.testing.assert_array_equal(out, w.images[idx])
+        assert reader.bytes_read > before
+        if format_id in ("npy", "hdf5"):  # uncompressed: the samples' bytes exactly
+            assert reader.bytes_read - before == out.nbytes
