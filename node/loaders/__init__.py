@@ -16,10 +16,38 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from shared.registry import Registry
+
 if TYPE_CHECKING:
     from node.loaders.base import Loader
+    from shared.formats import Format
 
 NO_GPU = "needs an NVIDIA GPU; no NVIDIA driver answers here (NVML)"
+
+
+@dataclass(frozen=True)
+class Reads:
+    """Which formats a loader reads: formats of these kinds, of these codec families
+    (None: every family of those kinds). The one declaration; ``supports`` and the
+    formats column of the loader table both come from it.
+
+    Attributes:
+        kinds: :class:`~shared.formats.FormatKind` values (``files``, ``array``).
+        families: format families (``jpeg``, ``npy``...), or None for all.
+    """
+
+    kinds: tuple[str, ...] = ("files", "array")
+    families: tuple[str, ...] | None = None
+
+    def accepts(self, fmt: Format) -> bool:
+        return fmt.kind.value in self.kinds and (
+            self.families is None or fmt.family in self.families)
+
+    def help(self) -> str:
+        """The registered formats it admits, e.g. ``jpeg-*, png`` (imports the formats)."""
+        from shared.formats.registry import formats_help
+
+        return formats_help(self.accepts)
 
 
 @dataclass(frozen=True)
@@ -30,7 +58,7 @@ class LoaderSpec:
         name: the ``--loader`` value.
         target: ``module:Class`` of the implementation.
         device_kind: ``cpu`` or ``cuda``.
-        formats_help: the formats it reads, for the loader table.
+        reads: the formats it reads.
         summary: one line: the data path.
         requires: import names of the optional packages it needs (beyond torch).
     """
@@ -38,9 +66,18 @@ class LoaderSpec:
     name: str
     target: str
     device_kind: str
-    formats_help: str
+    reads: Reads
     summary: str
     requires: tuple[str, ...] = ()
+
+    @property
+    def formats_help(self) -> str:
+        """The formats it reads, for the loader table (``jpeg-*, png, ...``)."""
+        return self.reads.help()
+
+    def supports(self, fmt: Format) -> bool:
+        """Whether the loader reads ``fmt``."""
+        return self.reads.accepts(fmt)
 
     def load(self) -> type[Loader]:
         """The loader class (imports its module)."""
@@ -83,34 +120,46 @@ def nvidia_gpu_present() -> bool:
         return False
 
 
-_FILE_FORMATS = "jpeg-*, png, bmp, tiff*, jp2-*, webp-*"
-LOADER_SPECS: dict[str, LoaderSpec] = {s.name: s for s in (
-    LoaderSpec("file", "node.loaders.file:FileLoader", "cpu", f"{_FILE_FORMATS}, npy-files",
-               "decode in DataLoader workers (torchvision.io for JPEG/PNG/WebP, "
-               "Pillow for the rest), batched fetches, pinned memory"),
-    LoaderSpec("numpy_mmap", "node.loaders.numpy_mmap:NumpyMmapLoader", "cpu", "npy",
-               "memory-mapped array, whole-batch gathers with sorted indices"),
-    LoaderSpec("hdf5", "node.loaders.hdf5:Hdf5Loader", "cpu", "hdf5, hdf5-gzip, hdf5-lzf",
-               "h5py, file opened per worker, batched reads", ("h5py",)),
-    LoaderSpec("zarr", "node.loaders.zarr_loader:ZarrLoader", "cpu", "zarr, zarr-zstd",
-               "zarr reads, from the cache or straight from the store URL", ("zarr",)),
-    LoaderSpec("cupy", "node.loaders.cupy_loader:CupyLoader", "cuda", "npy",
-               "whole shards into GPU memory with CuPy (pinned chunked copies, "
-               "or kvikio where GDS works), to PyTorch by DLPack, GPU gathers", ("cupy",)),
-    LoaderSpec("kvikio", "node.loaders.kvikio_loader:KvikioLoader", "cuda", "npy, npy-files",
-               "kvikio CuFile reads into GPU memory (GPUDirect Storage or its "
-               "compat mode), coalesced 4 KiB-aligned reads, batches on the GPU",
-               ("cupy", "kvikio")),
-    LoaderSpec("dali", "node.loaders.dali:DaliLoader", "cuda", _FILE_FORMATS,
-               'DALI file reader and decoders.image(device="mixed") (nvJPEG), '
-               "files read on DALI's CPU threads", ("nvidia.dali",)),
-    LoaderSpec("dali_gds", "node.loaders.dali:DaliGdsLoader", "cuda", "npy-files",
-               'DALI readers.numpy(device="gpu"): cuFile reads of npy-files '
-               "into GPU memory (GPUDirect Storage from local NVMe)", ("nvidia.dali",)),
-    LoaderSpec("nvjpeg", "node.loaders.nvjpeg:NvjpegLoader", "cuda", "jpeg-*",
-               "file bytes read by DataLoader workers, batch-decoded on the GPU "
-               "by torchvision.io.decode_jpeg (nvJPEG)"),
-)}
+class UnknownLoader(ValueError):
+    """A loader name the registry does not know."""
+
+
+LOADER_SPECS: Registry[LoaderSpec] = Registry("loader", error=UnknownLoader)
+_IMAGE_FAMILIES = ("jpeg", "png", "bmp", "tiff", "jp2", "webp")  # what DALI's decoder reads
+LOADER_SPECS.register(LoaderSpec(
+    "file", "node.loaders.file:FileLoader", "cpu", Reads(kinds=("files",)),
+    "decode in DataLoader workers (torchvision.io for JPEG/PNG/WebP, "
+    "Pillow for the rest), batched fetches, pinned memory"))
+LOADER_SPECS.register(LoaderSpec(
+    "numpy_mmap", "node.loaders.numpy_mmap:NumpyMmapLoader", "cpu", Reads(families=("npy",)),
+    "memory-mapped array, whole-batch gathers with sorted indices"))
+LOADER_SPECS.register(LoaderSpec(
+    "hdf5", "node.loaders.hdf5:Hdf5Loader", "cpu", Reads(families=("hdf5",)),
+    "h5py, file opened per worker, batched reads", ("h5py",)))
+LOADER_SPECS.register(LoaderSpec(
+    "zarr", "node.loaders.zarr_loader:ZarrLoader", "cpu", Reads(families=("zarr",)),
+    "zarr reads, from the cache or straight from the store URL", ("zarr",)))
+LOADER_SPECS.register(LoaderSpec(
+    "cupy", "node.loaders.cupy_loader:CupyLoader", "cuda", Reads(families=("npy",)),
+    "whole shards into GPU memory with CuPy (pinned chunked copies, "
+    "or kvikio where GDS works), to PyTorch by DLPack, GPU gathers", ("cupy",)))
+LOADER_SPECS.register(LoaderSpec(
+    "kvikio", "node.loaders.kvikio_loader:KvikioLoader", "cuda",
+    Reads(families=("npy", "npy-files")),
+    "kvikio CuFile reads into GPU memory (GPUDirect Storage or its "
+    "compat mode), coalesced 4 KiB-aligned reads, batches on the GPU", ("cupy", "kvikio")))
+LOADER_SPECS.register(LoaderSpec(
+    "dali", "node.loaders.dali:DaliLoader", "cuda", Reads(("files",), _IMAGE_FAMILIES),
+    'DALI file reader and decoders.image(device="mixed") (nvJPEG), '
+    "files read on DALI's CPU threads", ("nvidia.dali",)))
+LOADER_SPECS.register(LoaderSpec(
+    "dali_gds", "node.loaders.dali:DaliGdsLoader", "cuda", Reads(families=("npy-files",)),
+    'DALI readers.numpy(device="gpu"): cuFile reads of npy-files '
+    "into GPU memory (GPUDirect Storage from local NVMe)", ("nvidia.dali",)))
+LOADER_SPECS.register(LoaderSpec(
+    "nvjpeg", "node.loaders.nvjpeg:NvjpegLoader", "cuda", Reads(("files",), ("jpeg",)),
+    "file bytes read by DataLoader workers, batch-decoded on the GPU "
+    "by torchvision.io.decode_jpeg (nvJPEG)"))
 
 
 class _LazyLoaders(Mapping[str, "type[Loader]"]):
@@ -118,6 +167,9 @@ class _LazyLoaders(Mapping[str, "type[Loader]"]):
 
     def __getitem__(self, name: str) -> type[Loader]:
         return LOADER_SPECS[name].load()
+
+    def __contains__(self, name: object) -> bool:
+        return name in LOADER_SPECS
 
     def __iter__(self) -> Iterator[str]:
         return iter(LOADER_SPECS)
@@ -129,20 +181,13 @@ class _LazyLoaders(Mapping[str, "type[Loader]"]):
 LOADERS: Mapping[str, type[Loader]] = _LazyLoaders()
 
 
-class UnknownLoader(ValueError):
-    """A loader name the registry does not know."""
-
-
 def get_spec(name: str) -> LoaderSpec:
     """The registry entry of loader ``name`` (imports nothing).
 
     Raises:
         UnknownLoader: with the valid names.
     """
-    if name not in LOADER_SPECS:
-        raise UnknownLoader(
-            f"unknown loader {name!r}; valid loaders: {', '.join(LOADER_SPECS)}")
-    return LOADER_SPECS[name]
+    return LOADER_SPECS.get(name)
 
 
 def get_loader(name: str) -> type[Loader]:
@@ -167,4 +212,5 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["LOADERS", "LOADER_SPECS", "Batch", "Loader", "LoaderConfig", "LoaderSpec",
-           "LoaderUnavailable", "ShardSlice", "UnknownLoader", "get_loader", "get_spec"]
+           "LoaderUnavailable", "Reads", "ShardSlice", "UnknownLoader", "get_loader",
+           "get_spec"]

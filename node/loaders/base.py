@@ -132,12 +132,23 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int,
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
+class _SpecFormatsHelp:
+    """``Loader.formats_help``: what the loader's registry entry says it reads."""
+
+    def __get__(self, obj: object, owner: type[Loader]) -> str:
+        from node.loaders import LOADER_SPECS
+
+        name = getattr(owner, "name", None)
+        return LOADER_SPECS[name].formats_help if name in LOADER_SPECS else ""
+
+
 class Loader(abc.ABC):
     """A data path from cached shards to batches on the training device.
 
     Subclasses set ``name``, ``device_kind`` (``"cpu"`` or ``"cuda"``), ``summary``
-    and implement :meth:`supports`, :meth:`epoch`; GPU loaders also
-    :meth:`unavailable_reason`.
+    and implement :meth:`epoch`; GPU loaders also :meth:`unavailable_reason`. Which
+    formats a loader reads is declared once, by its registry entry
+    (:class:`node.loaders.Reads`): :meth:`supports` and ``formats_help`` ask it.
 
     ``io_path`` says how bytes reached memory (``gds``, ``compat``, ``host``) and
     ``io_evidence`` why it has that value (one line, recorded as
@@ -147,7 +158,7 @@ class Loader(abc.ABC):
     name: ClassVar[str]
     device_kind: ClassVar[str] = "cpu"
     summary: ClassVar[str] = ""  # one line: the data path
-    formats_help: ClassVar[str] = ""  # for `node-agent loaders`, e.g. "npy"
+    formats_help = _SpecFormatsHelp()  # for `node-agent loaders`, e.g. "npy"
     io_path: str = "host"
     io_evidence: str = ""
 
@@ -157,9 +168,11 @@ class Loader(abc.ABC):
         self.config = config
 
     @classmethod
-    @abc.abstractmethod
     def supports(cls, fmt: Format) -> bool:
-        """Whether this loader can read ``fmt``."""
+        """Whether this loader can read ``fmt`` (its registry entry says)."""
+        from node.loaders import get_spec
+
+        return get_spec(cls.name).supports(fmt)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

@@ -54,11 +54,8 @@ from node.loaders.gds import (
     o_direct_reason,
 )
 from node.loaders.gpu import cuda_device_index, rank_files, requirements_reason
-from shared.formats import Format
-from shared.formats.base import FormatKind
 
 READER_NAME = "Reader"
-DALI_IMAGE_FAMILIES = frozenset({"jpeg", "png", "bmp", "tiff", "jp2", "webp"})
 # DALI's file reader stores labels as int32.
 _MAX_POSITION = np.iinfo(np.int32).max
 
@@ -169,7 +166,6 @@ class DaliLoader(_DaliLoader):
     name: ClassVar[str] = "dali"
     summary: ClassVar[str] = ('DALI file reader and decoders.image(device="mixed") (nvJPEG), '
                               "files read on DALI's CPU threads")
-    formats_help: ClassVar[str] = "jpeg-*, png, bmp, tiff*, jp2-*, webp-*"
     io_path = IO_HOST
 
     def __init__(self, config: LoaderConfig) -> None:
@@ -177,10 +173,6 @@ class DaliLoader(_DaliLoader):
         if len(self._paths) > _MAX_POSITION:
             raise ValueError(f"{self.name}: {len(self._paths)} samples exceed DALI's int32 labels")
         self.io_evidence = "files read into host memory by DALI, decoded on the GPU"
-
-    @classmethod
-    def supports(cls, fmt: Format) -> bool:
-        return fmt.kind is FormatKind.FILES and fmt.family in DALI_IMAGE_FAMILIES
 
     def _outputs(self) -> list[str]:
         return ["images", "positions"]
@@ -210,7 +202,6 @@ class DaliGdsLoader(_DaliLoader):
     name: ClassVar[str] = "dali_gds"
     summary: ClassVar[str] = ('DALI readers.numpy(device="gpu"): cuFile reads of npy-files '
                               "into GPU memory (GPUDirect Storage from local NVMe)")
-    formats_help: ClassVar[str] = "npy-files"
     io_path = IO_COMPAT  # a cuFile path: "gds" only once a run has shown the evidence
 
     def __init__(self, config: LoaderConfig) -> None:
@@ -218,10 +209,6 @@ class DaliGdsLoader(_DaliLoader):
         self.io_path = IO_COMPAT
         self.io_evidence = "no reads yet"
         self._before: NvfsReads | None = None
-
-    @classmethod
-    def supports(cls, fmt: Format) -> bool:
-        return fmt.id == "npy-files"
 
     def check_fits(self) -> None:
         if self._paths:

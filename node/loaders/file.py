@@ -19,8 +19,7 @@ from torchvision.io import ImageReadMode, decode_jpeg, decode_png, decode_webp
 
 from node.loaders.base import LoaderConfig
 from node.loaders.common import BatchReader, HostBatch, WorkerLoader
-from shared.formats import Format
-from shared.formats.base import FileFormat, FormatKind
+from shared.formats.base import FileFormat
 from shared.storage import check_relative
 
 # torchvision 0.29 warns on every decode call that TorchCodec will take over image
@@ -116,13 +115,8 @@ class FileLoader(WorkerLoader):
     name: ClassVar[str] = "file"
     summary: ClassVar[str] = ("decode in DataLoader workers (torchvision.io for JPEG/PNG/WebP, "
                               "Pillow for the rest), batched fetches, pinned memory")
-    formats_help: ClassVar[str] = "jpeg-*, png, bmp, tiff*, jp2-*, webp-*, npy-files"
     io_evidence: ClassVar[str] = ("host: each file read with POSIX read() into host memory "
                                   "(DataLoader workers), decoded on the CPU")
-
-    @classmethod
-    def supports(cls, fmt: Format) -> bool:
-        return fmt.kind is FormatKind.FILES
 
     def make_reader(self) -> FileBatchReader:
         return FileBatchReader(self.config)

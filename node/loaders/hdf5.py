@@ -14,7 +14,6 @@ import numpy as np
 
 from node.loaders.base import LoaderConfig, open_array_readers
 from node.loaders.common import BatchReader, HostBatch, WorkerLoader
-from shared.formats import Format
 
 
 class Hdf5BatchReader(BatchReader):
@@ -48,14 +47,9 @@ class Hdf5Loader(WorkerLoader):
 
     name: ClassVar[str] = "hdf5"
     summary: ClassVar[str] = "h5py, file opened per worker, batched reads"
-    formats_help: ClassVar[str] = "hdf5, hdf5-gzip, hdf5-lzf"
     # h5py reads and decompresses in one call: no read/decode split (stage times null).
     io_evidence: ClassVar[str] = ("host: h5py reads (HDF5 sec2 driver, POSIX pread) into "
                                   "host memory in DataLoader workers")
-
-    @classmethod
-    def supports(cls, fmt: Format) -> bool:
-        return fmt.family == "hdf5"
 
     def make_reader(self) -> Hdf5BatchReader:
         return Hdf5BatchReader(self.config)

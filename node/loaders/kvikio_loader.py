@@ -59,7 +59,6 @@ from node.loaders.gds import (
 from node.loaders.gpu import (cuda_device_index, ensure_open_files, rank_files,
                               requirements_reason)
 from node.loaders.read_plan import ALIGN, ReadPlan, align_up, aligned_start, plan_reads
-from shared.formats import Format
 from shared.formats.npy import NpyFormat, NpyLayout, npy_layout
 
 MAX_IO_THREADS = 16
@@ -142,7 +141,6 @@ class KvikioLoader(Loader):
     device_kind: ClassVar[str] = "cuda"
     summary: ClassVar[str] = ("kvikio CuFile reads into GPU memory (GPUDirect Storage or its "
                               "compat mode), coalesced 4 KiB-aligned reads, batches on the GPU")
-    formats_help: ClassVar[str] = "npy, npy-files"
     io_path = IO_COMPAT  # a cuFile path: "gds" only once a run has shown the evidence
 
     def __init__(self, config: LoaderConfig) -> None:
@@ -167,10 +165,6 @@ class KvikioLoader(Loader):
         self._labels: torch.Tensor | None = None
         self._opened = False
         self.alignment_bytes = 0
-
-    @classmethod
-    def supports(cls, fmt: Format) -> bool:
-        return fmt.id in ("npy", "npy-files")
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

@@ -27,7 +27,6 @@ import torch
 
 from node.loaders.base import Batch, Loader, LoaderConfig, open_array_readers
 from node.loaders.common import ShardMap, empty_batch
-from shared.formats import Format
 from shared.formats.base import ArrayShardReader
 
 
@@ -80,7 +79,6 @@ class NumpyMmapLoader(Loader):
 
     name: ClassVar[str] = "numpy_mmap"
     summary: ClassVar[str] = "memory-mapped array, whole-batch gathers with sorted indices"
-    formats_help: ClassVar[str] = "npy"
     io_evidence: ClassVar[str] = ("host: page faults on a read-only memory map of "
                                   "images.npy into host memory")
 
@@ -105,10 +103,6 @@ class NumpyMmapLoader(Loader):
     def resources(self) -> dict[str, int]:
         """Gathers run in the main thread, or in a pool of ``workers`` threads."""
         return {"threads": max(1, self.config.workers), "processes": 0}
-
-    @classmethod
-    def supports(cls, fmt: Format) -> bool:
-        return fmt.id == "npy"
 
     def _gather(self, batch: np.ndarray, seq: int,
                 staging: _Staging) -> tuple[torch.Tensor, np.ndarray, float]:

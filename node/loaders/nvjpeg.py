@@ -20,7 +20,6 @@ from node.loaders.common import BatchReader, WorkerLoader, empty_batch
 from node.loaders.file import read_file
 from node.loaders.gds import IO_HOST
 from node.loaders.gpu import cuda_reason, rank_files, torchvision_nvjpeg_reason
-from shared.formats import Format
 
 
 class EncodedBatch(NamedTuple):
@@ -68,16 +67,11 @@ class NvjpegLoader(WorkerLoader):
     device_kind: ClassVar[str] = "cuda"
     summary: ClassVar[str] = ("file bytes read by DataLoader workers, batch-decoded on the GPU "
                               "by torchvision.io.decode_jpeg (nvJPEG)")
-    formats_help: ClassVar[str] = "jpeg-*"
     io_path = IO_HOST
 
     def __init__(self, config: LoaderConfig) -> None:
         super().__init__(config)
         self.io_evidence = "files read into host memory by workers, decoded on the GPU"
-
-    @classmethod
-    def supports(cls, fmt: Format) -> bool:
-        return fmt.family == "jpeg"
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

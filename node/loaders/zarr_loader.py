@@ -17,7 +17,6 @@ import numpy as np
 
 from node.loaders.base import LoaderConfig, open_array_readers
 from node.loaders.common import BatchReader, HostBatch, WorkerLoader
-from shared.formats import Format
 
 
 class ZarrBatchReader(BatchReader):
@@ -50,14 +49,9 @@ class ZarrLoader(WorkerLoader):
 
     name: ClassVar[str] = "zarr"
     summary: ClassVar[str] = "zarr reads, from the cache or straight from the store URL"
-    formats_help: ClassVar[str] = "zarr, zarr-zstd"
     # zarr fetches and decodes chunks in one call: no read/decode split (stage times null).
     io_evidence: ClassVar[str] = ("host: zarr chunk reads through fsspec (cached files or "
                                   "the store URL) into host memory in DataLoader workers")
-
-    @classmethod
-    def supports(cls, fmt: Format) -> bool:
-        return fmt.family == "zarr"
 
     def make_reader(self) -> ZarrBatchReader:
         return ZarrBatchReader(self.config)

@@ -137,3 +137,23 @@ def parse_format_list(text: str) -> list[Format]:
         names = ", ".join(repr(u) for u in unknown)
         raise UnknownFormat(f"unknown format {names}; valid: {format_id_help()}")
     return [get_format(i) for i in dict.fromkeys(ids)]
+
+
+def formats_help(accepts: Callable[[Format], bool]) -> str:
+    """The registered formats that ``accepts`` admits, in registration order, one entry
+    per codec family: the id where the family has one (``png``), else a glob of the
+    family's ids (``jpeg-*``, ``tiff*``). For the loader table and its refusals."""
+    families: dict[str, list[str]] = {}
+    for format_id in FORMATS:
+        fmt = get_format(format_id)
+        if accepts(fmt):
+            families.setdefault(fmt.family, []).append(format_id)
+    out = []
+    for family, ids in families.items():
+        if ids == [family]:
+            out.append(family)
+        elif all(i.startswith(f"{family}-") for i in ids):
+            out.append(f"{family}-*")
+        else:
+            out.append(f"{family}*")
+    return ", ".join(out)

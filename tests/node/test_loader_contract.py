@@ -1,8 +1,9 @@
 """The one contract every registered loader keeps (DESIGN section 5).
 
-Cases come from the registry: every loader, crossed with every format in FORMATS that
-its ``supports()`` accepts, so a loader registered later is tested without editing
-this file. CUDA loaders, and CPU loaders delivering to a CUDA device (pinned memory,
+Cases come from the registries: every registered loader, crossed with every registered
+format id that its ``supports()`` accepts, so a loader or format registered later is
+tested without editing this file (``test_a_registered_format_and_loader_join_the_contract``
+shows it). CUDA loaders, and CPU loaders delivering to a CUDA device (pinned memory,
 asynchronous copies), are marked ``gpu`` and skip without a GPU.
 
 Each sample's pixels encode its global index (R: index // 16, G: index % 16, B: a
@@ -22,16 +23,25 @@ import numpy as np
 import pytest
 import torch
 
-from node.loaders import LOADERS, Batch, Loader, LoaderConfig, ShardSlice
+from node.loaders import (
+    LOADER_SPECS,
+    LOADERS,
+    Batch,
+    Loader,
+    LoaderConfig,
+    LoaderSpec,
+    Reads,
+    ShardSlice,
+)
 from node.loaders.base import epoch_batches
 from node.loaders.common import ShardMap
+from node.loaders.numpy_mmap import NumpyMmapLoader
 from node.machine import mapped_files
-from shared.formats import FormatKind, get_format
+from shared.formats import FORMATS, FormatKind, PillowFormat, get_format
+from shared.formats.registry import register
 from shared.shards import read_index, shard_path, write_shard
 from shared.storage import Store
 
-FORMATS = ("png", "jpeg-q95", "bmp", "webp-lossless", "tiff-lzw", "npy-files",
-           "npy", "hdf5", "hdf5-gzip", "hdf5-lzf", "zarr", "zarr-zstd")
 SHARDS, PER_SHARD = 3, 37
 H, W, C = 12, 16, 3  # not square: a swapped height and width cannot pass
 BATCH = 16
@@ -84,19 +94,24 @@ class Case:
                         + ["url"] * self.url + ["cuda"] * self.cuda)
 
 
-def cases() -> Iterator[pytest.param]:
-    for loader in LOADERS.values():
+def contract_cases() -> Iterator[Case]:
+    """Every registered loader crossed with every registered format id it supports."""
+    for name in LOADER_SPECS:
+        loader = LOADERS[name]
         on_gpu = loader.device_kind == "cuda"
         for format_id in FORMATS:
             if not loader.supports(get_format(format_id)):
                 continue
-            variants = [Case(loader, format_id, run, cuda=on_gpu) for run in RUNS]
+            yield from (Case(loader, format_id, run, cuda=on_gpu) for run in RUNS)
             if loader.name == "zarr":
-                variants.append(Case(loader, format_id, "w2-mid", url=True, cuda=on_gpu))
+                yield Case(loader, format_id, "w2-mid", url=True, cuda=on_gpu)
             if not on_gpu:
-                variants += [Case(loader, format_id, run, cuda=True) for run in RUNS]
-            for case in variants:
-                yield pytest.param(case, id=case.id, marks=GPU if case.cuda else [])
+                yield from (Case(loader, format_id, run, cuda=True) for run in RUNS)
+
+
+def cases() -> Iterator[pytest.param]:
+    for case in contract_cases():
+        yield pytest.param(case, id=case.id, marks=GPU if case.cuda else [])
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +218,11 @@ def test_loader_contract(case: Case, datasets: dict[tuple[str, bool], str]) -> N
     reason = case.loader.unavailable_reason()
     if reason:
         pytest.skip(reason)
+    check_contract(case, datasets)
+
+
+def check_contract(case: Case, datasets: dict[tuple[str, bool], str]) -> None:
+    """One case of the contract: two epochs, release, reopen, same-seed order, bytes."""
     device = torch.device("cuda" if case.cuda else "cpu")
     config, identities = make_config(case, datasets[case.format_id, case.url], device)
     lossless = config.fmt.lossless
@@ -244,6 +264,44 @@ def test_loader_contract(case: Case, datasets: dict[tuple[str, bool], str]) -> N
     assert not left, f"close() left worker processes running: {left}"
 
 
+class PpmFormat(PillowFormat):
+    """``ppm``: a new format is one class like this and one ``register`` line."""
+
+    def __init__(self) -> None:
+        super().__init__("ppm", "ppm", True, extension="ppm", compression="none",
+                         pillow_format="PPM", save_options={})
+
+
+class MmapCopyLoader(NumpyMmapLoader):
+    """A new loader: one class and one ``LOADER_SPECS.register`` line."""
+
+    name = "mmap_copy"
+
+
+@pytest.fixture
+def registries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The format and loader registries, as they were, after the test."""
+    for registry in (FORMATS, LOADER_SPECS):
+        monkeypatch.setattr(registry, "_entries", dict(registry._entries))
+    monkeypatch.setattr(FORMATS, "catalog", list(FORMATS.catalog))
+
+
+def test_a_registered_format_and_loader_join_the_contract(
+        registries: None, datasets: dict[tuple[str, bool], str]) -> None:
+    before = {c.id for c in contract_cases()}
+    register(PpmFormat)
+    LOADER_SPECS.register(LoaderSpec("mmap_copy", f"{__name__}:MmapCopyLoader", "cpu",
+                                     Reads(families=("npy",)), "numpy_mmap, renamed"))
+    added = {c.id: c for c in contract_cases() if c.id not in before}
+    # The file loader reads every file format, DALI's decoder only the families it knows.
+    assert {"file-ppm-w0-full", "file-ppm-w2-mid", "mmap_copy-npy-w0-full"} <= set(added)
+    assert not any(i.startswith("dali-ppm") for i in added)
+    assert "ppm" in LOADER_SPECS["file"].formats_help
+    assert LOADERS["mmap_copy"].formats_help == "npy"
+    for case_id in ("file-ppm-w0-full", "mmap_copy-npy-w0-full"):
+        check_contract(added[case_id], datasets)
+
+
 def chunk_bytes(config: LoaderConfig) -> list[int]:
     """Stored bytes of each shard's image chunks (Zarr: files under ``data.zarr/images/c``)."""
     out = []
@@ -280,3 +338,24 @@ def test_new_generation_reopens_handles(format_id: str,
         assert not held.id.valid  # the old file was closed
     assert torch.equal(first.images, again.images)
     reader.close()
+
+
+def test_loader_registry_is_the_one_declaration() -> None:
+    """Names, the unknown-name error, and which formats each loader reads all come from
+    ``LOADER_SPECS``; the formats column is derived from the format registry."""
+    from node.loaders import UnknownLoader, get_loader, get_spec
+
+    assert list(LOADERS) == list(LOADER_SPECS.names())
+    for bad in (get_spec, get_loader):
+        with pytest.raises(UnknownLoader, match=r"^unknown loader 'nope'; valid loaders: "
+                                                r"file, numpy_mmap, .*nvjpeg$"):
+            bad("nope")
+    assert "nope" not in LOADERS and "file" in LOADERS
+    assert LOADER_SPECS["file"].formats_help == \
+        "bmp, png, tiff*, jpeg-*, jp2-*, webp-*, npy-files"
+    assert LOADER_SPECS["hdf5"].formats_help == "hdf5*"
+    for name, spec in LOADER_SPECS.items():
+        cls = LOADERS[name]
+        assert cls.formats_help == spec.formats_help
+        assert [f for f in FORMATS if cls.supports(get_format(f))] == \
+            [f for f in FORMATS if spec.supports(get_format(f))], name
