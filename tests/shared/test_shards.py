@@ -10,8 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shared.formats import get_format
-from shared.manifest import INDEX_FILE
+from shared.formats import (FORMATS, Format, PillowFormat, format_id_help, get_format,
+                            parse_format_list)
+from shared.formats.registry import register
+from shared.manifest import INDEX_FILE, FormatEntry
 from shared.shards import (FILES_INDEX_SCHEMA, INDEX_SCHEMA, ShardIndex, committed_shard,
                            read_index, shard_path, write_shard)
 from shared.storage import PathEscapeError, Store, checksum_bytes
@@ -243,3 +245,34 @@ def test_shard_index_without_sizes_and_without_labels() -> None:
     assert index.sample_files() == [("a.png", "blake2b:00", None)]  # written before `bytes`
     with pytest.raises(ValueError, match="'label'"):
         ShardIndex.from_table(table.drop_columns(["label"]))
+
+
+class PcxFormat(PillowFormat):
+    """``pcx``: the whole of a new format module (the codec is Pillow's)."""
+
+    def __init__(self) -> None:
+        super().__init__("pcx", "pcx", True, extension="pcx", compression="rle",
+                         pillow_format="PCX", save_options={})
+
+
+def test_a_new_format_is_one_class_and_one_registration_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registered, a format is a CLI value, part of ``all``, written and committed by the
+    one shard lifecycle, read back, and rebuilt from its manifest entry."""
+    monkeypatch.setattr(FORMATS, "_entries", dict(FORMATS._entries))
+    monkeypatch.setattr(FORMATS, "catalog", list(FORMATS.catalog))
+    register(PcxFormat)  # the registration line
+
+    assert "pcx" in format_id_help() and parse_format_list("png,pcx")[1].id == "pcx"
+    store = Store.open(str(tmp_path / "ds"))
+    keys, images, labels = sample_data()
+    entry = write_shard(store, get_format("pcx"), "train", 0, keys, images, labels)
+    assert committed_shard(store, "pcx", "train", 0, keys) == entry
+    index = ShardIndex.parse(store.read_bytes(f"{entry.path}/{INDEX_FILE}"))
+    fmt = get_format("pcx")
+    manifest_entry = FormatEntry(id=fmt.id, kind=fmt.kind.value, params=dict(fmt.params),
+                                 shards=(entry,), total_bytes=entry.bytes,
+                                 conversion_time_s=0.0)
+    reader = Format.from_entry(manifest_entry).open_reader(store.path(entry.path), index.files)
+    assert np.array_equal(reader.read_batch(range(N)), images)
+    assert index.labels.tolist() == labels.tolist()
