@@ -18,7 +18,8 @@ from node.progress import cache_done
 from node.runner import RunConfig, build_loader, fill_cache, host_name
 from node.machine import (cpu_budget, evict_page_cache, hardware_id, hardware_info,
                           page_cache_fits, versions_info)
-from node.telemetry import Sampler, gpu_name
+from node.nvml import gpu_name
+from node.telemetry import Sampler
 from shared.formats import Format
 from shared.manifest import Manifest
 from shared.results import new_id, utc_now, write_rows

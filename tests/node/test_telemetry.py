@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from node import machine, telemetry
+from node import machine, nvml, probes
 from node.machine import cpu_budget
 from node.telemetry import Sampler
 
@@ -110,7 +110,7 @@ def _read_and_hold(path: str, done: mp.synchronize.Event, stop: mp.synchronize.E
     stop.wait(30)  # stay alive: a live worker's reads must count, not only reaped ones
 
 
-@pytest.mark.skipif(telemetry.disk_read_bytes() is None, reason="/proc/<pid>/io unreadable")
+@pytest.mark.skipif(probes.disk_read_bytes() is None, reason="/proc/<pid>/io unreadable")
 def test_disk_read_bytes_of_a_child(tmp_path: Path, ctx: mp.context.SpawnContext) -> None:
     """A child (like a DataLoader worker) reads an evicted file: the tree's storage reads
     cover it while it is alive; read again while cached, nothing comes from storage."""
@@ -119,7 +119,7 @@ def test_disk_read_bytes_of_a_child(tmp_path: Path, ctx: mp.context.SpawnContext
     with Sampler(interval_s=0.1) as sampler:
         for expect_cold in (True, False):
             if expect_cold:
-                assert telemetry.evict_page_cache([f]).complete
+                assert machine.evict_page_cache([f]).complete
             sampler.mark()
             done, stop = ctx.Event(), ctx.Event()
             child = ctx.Process(target=_read_and_hold, args=(str(f), done, stop))
@@ -215,32 +215,32 @@ def test_evict_page_cache(tmp_path: Path) -> None:
     f.write_bytes(b"x" * 4096)
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.bin").write_bytes(b"y")
-    assert telemetry.evict_page_cache([f]).files == 1
-    assert telemetry.evict_page_cache([tmp_path]).files == 2
-    assert telemetry.evict_page_cache([tmp_path / "missing"]).files == 0
-    assert telemetry.page_cache_fits(1)
-    assert not telemetry.page_cache_fits(1 << 62)
+    assert machine.evict_page_cache([f]).files == 1
+    assert machine.evict_page_cache([tmp_path]).files == 2
+    assert machine.evict_page_cache([tmp_path / "missing"]).files == 0
+    assert machine.page_cache_fits(1)
+    assert not machine.page_cache_fits(1 << 62)
 
 
 def test_hardware_and_versions(tmp_path: Path) -> None:
-    info = telemetry.hardware_info(tmp_path / "not-yet")
+    info = machine.hardware_info(tmp_path / "not-yet")
     assert {"cpu_model", "cpu_logical_cores", "cpu_physical_cores", "ram_total_bytes", "gpus",
             "gpu_driver", "cuda_driver_version", "cuda_runtime_version", "cache_fs"} <= set(info)
     assert info["ram_total_bytes"] > 0 and info["cpu_logical_cores"] >= 1
     assert set(info["cache_fs"]) == {"path", "fstype", "device", "mount_point", "st_dev"}
     assert info["cache_fs"]["path"] == str(tmp_path.resolve())
-    versions = telemetry.versions_info()
+    versions = machine.versions_info()
     assert versions["torch"] and versions["numpy"] and versions["python"]
-    name = telemetry.gpu_name()
+    name = nvml.gpu_name()
     assert name is None or isinstance(name, str)
 
 
 def test_hardware_id_is_stable_and_ignores_volatile_fields(tmp_path: Path) -> None:
-    info = telemetry.hardware_info(tmp_path)
-    hid = telemetry.hardware_id(info)
-    assert len(hid) == 12 and hid == telemetry.hardware_id(telemetry.hardware_info(tmp_path))
+    info = machine.hardware_info(tmp_path)
+    hid = machine.hardware_id(info)
+    assert len(hid) == 12 and hid == machine.hardware_id(machine.hardware_info(tmp_path))
     moved = {**info, "kernel": "other", "gpu_driver": "999",
              "cache_fs": {**info["cache_fs"], "path": "/elsewhere", "st_dev": "9:9"}}
-    assert telemetry.hardware_id(moved) == hid
-    assert telemetry.hardware_id({**info, "ram_total_bytes": 1}) != hid
-    assert telemetry.hardware_id({**info, "gpus": [{"name": "H100"}]}) != hid
+    assert machine.hardware_id(moved) == hid
+    assert machine.hardware_id({**info, "ram_total_bytes": 1}) != hid
+    assert machine.hardware_id({**info, "gpus": [{"name": "H100"}]}) != hid
