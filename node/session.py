@@ -159,27 +159,33 @@ class RunSession:
 
     def _fit(self, train: Any, val: Any, sampler: Sampler, before_epoch: Any,
              ddp: bool) -> Any:
-        cfg = self.config
-        if cfg.mode == "bench":
-            from node.bench import Bencher
-
-            bencher = Bencher(device=self.device, sampler=sampler, max_steps=cfg.max_steps,
-                              cold=cfg.cold, emulate_step_ms=cfg.emulate_step_ms)
-            bencher.data_bytes = self._train_bytes
-            return bencher.fit(train, cfg.epochs, before_epoch=before_epoch,
-                               after_epoch=self._progress())
         from node.train import Trainer
 
-        trainer = Trainer.build(
-            model=cfg.model or DEFAULT_MODEL[self.device.type],
-            num_classes=len(self.manifest.class_names), image_size=self.manifest.height,
-            device=self.device, seed=cfg.seed, optimizer=cfg.optimizer, lr=cfg.lr, ddp=ddp,
-            rank=self.rank, sampler=sampler, max_steps=cfg.max_steps, cold=cfg.cold)
+        cfg = self.config
+        step = self._step(ddp)
+        trainer = Trainer(step, device=self.device, sampler=sampler, max_steps=cfg.max_steps,
+                          cold=cfg.cold)
         trainer.data_bytes = self._train_bytes
         result = trainer.fit(train, cfg.epochs, val_loader=val, before_epoch=before_epoch,
                              after_epoch=self._progress())
-        self.model_checksum = weights_checksum(trainer.model)
+        if step.trains:
+            self.model_checksum = weights_checksum(step.model)
         return result
+
+    def _step(self, ddp: bool) -> Any:
+        """The step strategy: a training step, or bench's loader-only (emulated) step."""
+        cfg = self.config
+        if cfg.mode == "bench":
+            from node.bench import bench_step
+
+            return bench_step(cfg.emulate_step_ms)
+        from node.train import TrainStep
+
+        return TrainStep.build(
+            model=cfg.model or DEFAULT_MODEL[self.device.type],
+            num_classes=len(self.manifest.class_names), image_size=self.manifest.height,
+            device=self.device, seed=cfg.seed, optimizer=cfg.optimizer, lr=cfg.lr, ddp=ddp,
+            rank=self.rank)
 
     def _progress(self) -> Any:
         from node.progress import EpochProgress
@@ -200,7 +206,7 @@ def weights_checksum(model: torch.nn.Module) -> str:
     Buffers (BatchNorm running statistics) are left out: DDP broadcasts them from rank 0
     at each forward, so after the last step each rank holds its own.
     """
-    from node.train import unwrap
+    from node.models import unwrap
 
     h = hashlib.blake2b(digest_size=12)
     for name, tensor in sorted(unwrap(model).named_parameters()):
