@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from node.cli import cli
-from node.commands import loader_rows
+from node.loader_table import loader_rows
 from node.loaders import LOADERS
 
 from conftest import Dataset, copy_store
