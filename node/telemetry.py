@@ -40,6 +40,42 @@ from node.probes import CpuDiskProbe, GpuProbe, MemoryProbe, ProcKey, Procs, tre
 
 
 @dataclass(frozen=True)
+class MemoryStats:
+    """The tree's memory over a window.
+
+    Attributes:
+        peak_bytes: highest summed memory of the tree (see ``kind``).
+        kind: ``"pss"`` or ``"rss"`` (PSS unreadable here).
+        interval_s: how often memory was read, on average.
+        peak_anon_bytes: highest anonymous (and shared-memory) part; None where the
+            kernel does not split it. Each part has its own peak, so the two need not
+            add up to ``peak_bytes``.
+        peak_file_bytes: highest file-backed part (mapped dataset files, libraries).
+    """
+
+    peak_bytes: int | None
+    kind: str
+    interval_s: float | None
+    peak_anon_bytes: int | None = None
+    peak_file_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class GpuStats:
+    """The watched GPUs over a window; every figure None without NVML.
+
+    Attributes:
+        util_mean_pct: mean NVML utilisation of the watched GPUs.
+        peak_vram_bytes: highest GPU memory of the tree.
+        vram_kind: see :attr:`node.probes.GpuProbe.vram_kind`.
+    """
+
+    util_mean_pct: float | None = None
+    peak_vram_bytes: int | None = None
+    vram_kind: str | None = None
+
+
+@dataclass(frozen=True)
 class WindowStats:
     """Figures of the process tree over a time window.
 
@@ -48,16 +84,8 @@ class WindowStats:
         samples: sampler ticks in the window.
         cpu_util_mean_pct: mean CPU use in percent of one core (like ``top``).
         cpu_util_machine_pct: the same divided by the run's CPU budget (0..100).
-        peak_ram_bytes: highest summed memory of the tree (see ``memory_kind``).
-        peak_ram_anon_bytes: highest anonymous (and shared-memory) part; None where the
-            kernel does not split it. Each part has its own peak, so the two need not
-            add up to ``peak_ram_bytes``.
-        peak_ram_file_bytes: highest file-backed part (mapped dataset files, libraries).
-        memory_kind: ``"pss"`` or ``"rss"`` (PSS unreadable here).
-        memory_interval_s: how often memory was read, on average.
-        gpu_util_mean_pct: mean NVML utilisation of the watched GPUs; None without NVML.
-        peak_vram_bytes: highest GPU memory of the tree; None without NVML.
-        vram_kind: see :attr:`GpuProbe.vram_kind`; None without NVML.
+        memory: the tree's memory.
+        gpu: GPU utilisation and memory.
         disk_read_bytes: bytes read from storage by the tree; None where unreadable.
     """
 
@@ -65,24 +93,18 @@ class WindowStats:
     samples: int
     cpu_util_mean_pct: float | None
     cpu_util_machine_pct: float | None
-    peak_ram_bytes: int | None
-    memory_kind: str
-    memory_interval_s: float | None
-    gpu_util_mean_pct: float | None
-    peak_vram_bytes: int | None
-    vram_kind: str | None
+    memory: MemoryStats
+    gpu: GpuStats
     disk_read_bytes: int | None
-    peak_ram_anon_bytes: int | None = None
-    peak_ram_file_bytes: int | None = None
 
     def columns(self) -> dict[str, Any]:
         """The figures under their ``epochs`` column names."""
-        return {"peak_ram_bytes": self.peak_ram_bytes,
-                "peak_ram_anon_bytes": self.peak_ram_anon_bytes,
-                "peak_ram_file_bytes": self.peak_ram_file_bytes,
-                "peak_vram_bytes": self.peak_vram_bytes,
+        return {"peak_ram_bytes": self.memory.peak_bytes,
+                "peak_ram_anon_bytes": self.memory.peak_anon_bytes,
+                "peak_ram_file_bytes": self.memory.peak_file_bytes,
+                "peak_vram_bytes": self.gpu.peak_vram_bytes,
                 "cpu_util_mean_pct": self.cpu_util_mean_pct,
-                "gpu_util_mean_pct": self.gpu_util_mean_pct,
+                "gpu_util_mean_pct": self.gpu.util_mean_pct,
                 "disk_read_bytes": self.disk_read_bytes}
 
 
@@ -271,14 +293,13 @@ class Sampler:
             samples=w.samples,
             cpu_util_mean_pct=cpu,
             cpu_util_machine_pct=None if cpu is None else cpu / self._cores,
-            peak_ram_bytes=w.peak_ram,
-            peak_ram_anon_bytes=w.peak_anon,
-            peak_ram_file_bytes=w.peak_file,
-            memory_kind=self.memory_kind,
-            memory_interval_s=duration / reads if reads > 0 and duration > 0 else None,
-            gpu_util_mean_pct=w.gpu_util_sum / w.gpu_util_n if w.gpu_util_n else None,
-            peak_vram_bytes=w.peak_vram,
-            vram_kind=self.vram_kind,
+            memory=MemoryStats(
+                peak_bytes=w.peak_ram, kind=self.memory_kind,
+                interval_s=duration / reads if reads > 0 and duration > 0 else None,
+                peak_anon_bytes=w.peak_anon, peak_file_bytes=w.peak_file),
+            gpu=GpuStats(
+                util_mean_pct=w.gpu_util_sum / w.gpu_util_n if w.gpu_util_n else None,
+                peak_vram_bytes=w.peak_vram, vram_kind=self.vram_kind),
             disk_read_bytes=(self._cpu_disk.disk - w.disk0) if self._cpu_disk.disk_ok else None,
         )
 

@@ -66,7 +66,7 @@ def test_child_memory_counts(ctx: mp.context.SpawnContext) -> None:
     ready, stop = ctx.Event(), ctx.Event()
     child = ctx.Process(target=_hold_memory, args=(200 * MB, ready, stop))
     with Sampler(interval_s=0.1) as sampler:
-        before = sampler.window().peak_ram_bytes
+        before = sampler.window().memory.peak_bytes
         child.start()
         try:
             assert ready.wait(30)
@@ -75,9 +75,9 @@ def test_child_memory_counts(ctx: mp.context.SpawnContext) -> None:
         finally:
             stop.set()
             child.join(10)
-    assert before is not None and during.peak_ram_bytes is not None
-    assert during.peak_ram_bytes - before >= 190 * MB
-    assert during.memory_kind in ("pss", "rss")
+    assert before is not None and during.memory.peak_bytes is not None
+    assert during.memory.peak_bytes - before >= 190 * MB
+    assert during.memory.kind in ("pss", "rss")
 
 
 def test_rate_and_lifecycle() -> None:
@@ -89,7 +89,7 @@ def test_rate_and_lifecycle() -> None:
         totals = sampler.totals()
     assert ticks >= 5
     assert totals.samples >= ticks
-    assert totals.gpu_util_mean_pct is None or 0 <= totals.gpu_util_mean_pct <= 100
+    assert totals.gpu.util_mean_pct is None or 0 <= totals.gpu.util_mean_pct <= 100
     assert sampler.overhead_pct < 25  # loose: CI machines are noisy; typically < 2
     assert not any(t.name == "formatlab-sampler" for t in threading.enumerate())
     assert set(totals.columns()) == {"peak_ram_bytes", "peak_ram_anon_bytes",
@@ -167,13 +167,13 @@ def test_shared_mapping_counts_once(tmp_path: Path, ctx: mp.context.SpawnContext
             stop.set()
             for child in children:
                 child.join(10)
-    if during.memory_kind != "pss":
+    if during.memory.kind != "pss":
         pytest.skip("PSS unreadable here: RSS counts shared pages per process")
-    assert during.peak_ram_file_bytes is not None and base.peak_ram_file_bytes is not None
-    mapped = during.peak_ram_file_bytes - base.peak_ram_file_bytes
+    assert during.memory.peak_file_bytes is not None and base.memory.peak_file_bytes is not None
+    mapped = during.memory.peak_file_bytes - base.memory.peak_file_bytes
     # Once: ~64 MiB (plus the two interpreters' own libraries); twice would be 128 MiB.
     assert 60 * MB <= mapped < 100 * MB, mapped / MB
-    assert during.peak_ram_anon_bytes - base.peak_ram_anon_bytes < 64 * MB
+    assert during.memory.peak_anon_bytes - base.memory.peak_anon_bytes < 64 * MB
 
 
 def _budget_on_one_core(out: mp.queues.Queue) -> None:
