@@ -179,7 +179,7 @@ def loaders_cmd(check: bool) -> None:
 @_handle_errors
 def cache_cmd(**kwargs: Any) -> None:
     """Fetch this rank's shards of one format (and the val split) to the cache."""
-    from node.cache import cache_for_rank
+    from node.cache_fill import cache_for_rank
 
     cache_for_rank(**kwargs)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from node.cache import RankShards, rank_shards
+from node.cache_fill import RankShards, rank_shards
 from node.checks import format_not_in_dataset, open_dataset
 from node.config import RunConfig
 from node.errors import UsageError

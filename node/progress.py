@@ -31,7 +31,7 @@ def transfer_bar(enabled: bool, total: int,
 
 
 def cache_done(label: str, fill: Any) -> None:
-    """One line when the cache fill is done (:class:`node.cache.CacheFill`)."""
+    """One line when the cache fill is done (:class:`node.cache_fill.CacheFill`)."""
     s = fill.stats
     note(f"{label}: cache ready: {s.files_total} files, {s.bytes_total / 2**20:,.1f} MiB "
          f"({s.files_fetched} fetched) in {s.seconds:.1f} s")

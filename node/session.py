@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from node.cache import CacheFill, fill_cache
+from node.cache_fill import CacheFill, fill_cache
 from node.config import RunConfig
 from node.errors import UsageError
 from node.guards import print_warnings, run_warnings

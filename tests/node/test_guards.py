@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from click.testing import CliRunner
 
-from node.cache import CacheFill
+from node.cache_fill import CacheFill
 from node.cli import cli
 from node.guards import run_warnings, step_warnings, val_warnings
 
