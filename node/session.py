@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from node.bench import bench_step
 from node.cache_fill import CacheFill, fill_cache
 from node.config import RunConfig
 from node.errors import UsageError
@@ -204,8 +205,6 @@ class RunSession:
         """The step strategy: a training step, or bench's loader-only (emulated) step."""
         plan, cfg = self.plan, self.config
         if cfg.measure.mode == "bench":
-            from node.bench import bench_step
-
             return bench_step(cfg.measure.emulate_step_ms)
         training = cfg.training
         return TrainStep.build(
