@@ -61,8 +61,9 @@ class RunSession:
 
     def execute(self) -> dict[str, Any]:
         """Cache, load, train or bench, and write the rows; returns the ``runs`` row."""
+        started = utc_now()
         ddp = self._init_distributed()
-        row: dict[str, Any] = self._base_row(utc_now())
+        row: dict[str, Any] = self._base_row(started)
         epochs: list[dict[str, Any]] = []
         loaders: list[Any] = []
         if self.plan.device.type == "cpu":
@@ -71,7 +72,7 @@ class RunSession:
             torch.set_num_threads(max(1, row["cpu_budget"] - self.config.loader.workers))
             row["config"]["torch_threads"] = torch.get_num_threads()
         try:
-            epochs = self._measure(row, loaders, ddp)
+            self._measure(row, loaders, epochs, ddp)
             row["status"] = "ok"
         except UsageError:
             raise
@@ -90,9 +91,9 @@ class RunSession:
         return row
 
     def _measure(self, row: dict[str, Any], loaders: list[Any],
-                 ddp: bool) -> list[dict[str, Any]]:
+                 epochs: list[dict[str, Any]], ddp: bool) -> None:
         """Fill the cache, open the loaders (appended to ``loaders`` for closing), run
-        the epochs; fills in ``row`` and returns the ``epochs`` rows."""
+        the epochs (their rows appended to ``epochs``); fills in ``row``."""
         plan, cfg = self.plan, self.config
         fill = self._cache(row)
         train = self._loader(fill.train, shuffle=True)
@@ -105,10 +106,10 @@ class RunSession:
         data_bytes = _local_bytes(fill.train)
         with Sampler(gpu=plan.device.type == "cuda") as sampler:
             result = self._fit(train, val, sampler, before_epoch, ddp, data_bytes)
+        epochs.extend(result.epochs)
         row.update(result.run_columns())
         row.update(self._loader_columns(train, sampler))
         row["model_checksum"] = self.model_checksum
-        return result.epochs
 
     # ------------------------------------------------------------------ steps
 
