@@ -14,11 +14,9 @@ from typing import Any
 
 import click
 
+from node.config import DEFAULT_CACHE, DEFAULT_RESULTS
 from node.errors import RunFailed, UsageError
 from shared.storage import one_line, redact
-
-DEFAULT_CACHE = "./.cache/formatlab"
-DEFAULT_RESULTS = "./results"
 
 
 def _loader_names() -> list[str]:
@@ -84,72 +82,86 @@ def cli(debug: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- options
-
-def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--store, --dataset, --storage-options: where the converted dataset lives."""
-    fn = click.option("--storage-options", metavar="JSON",
-                      help="fsspec options for --store/--results (S3 endpoint, keys); "
-                           "the AWS environment is used otherwise.")(fn)
-    fn = click.option("--dataset", required=True, help="Dataset name in the store.")(fn)
-    fn = click.option("--store", required=True, metavar="URL",
-                      help="The store that prep/convert.py wrote (path or s3://...).")(fn)
-    return fn
+# Every option is declared once, here; a command lists the ones it takes by name
+# (:func:`options`), in the order ``--help`` shows them.
 
 
-def rank_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--rank/--world-size, defaulting to torchrun's or Slurm's environment."""
-    fn = click.option("--world-size", type=click.IntRange(min=1), default=None,
-                      help="Number of ranks (default: WORLD_SIZE or SLURM_NTASKS, else 1).")(fn)
-    fn = click.option("--rank", type=click.IntRange(min=0), default=None,
-                      help="This node's rank (default: RANK or SLURM_PROCID, else 0).")(fn)
-    return fn
-
-
-def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The options shared by ``run``, ``bench`` and ``matrix``."""
+def _models() -> list[str]:
     from node.choices import MODELS
 
-    opts = [
-        click.option("--cache", default=DEFAULT_CACHE, show_default=True, metavar="DIR",
-                     help="Local cache directory (fast local disk, e.g. NVMe)."),
-        click.option("--results", default=DEFAULT_RESULTS, show_default=True, metavar="URL",
-                     help="Results store (path or s3://...)."),
-        click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True),
-        click.option("--batch-size", type=click.IntRange(min=1), default=256,
-                     show_default=True),
-        click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
-                     help="DataLoader worker processes (CPU loaders)."),
-        click.option("--model", type=click.Choice(MODELS), default=None,
-                     help="Model (default: convnet on CPU, resnet18 on CUDA)."),
-        click.option("--optimizer", type=click.Choice(["sgd", "rmsprop"]), default="sgd",
-                     show_default=True),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Learning rate (default: 0.05 for sgd, 0.001 for rmsprop)."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-                     show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--max-steps", type=click.IntRange(min=1), default=None,
-                     help="Stop each epoch after this many steps."),
-        click.option("--cold", is_flag=True,
-                     help="Evict the cached files from the page cache before each epoch."),
-        click.option("--no-cache", is_flag=True,
-                     help="Read straight from the store (zarr only)."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return rank_options(store_options(fn))
+    return list(MODELS)
 
 
-def pair_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--format and --loader: the one pair a run or bench measures."""
-    fn = click.option("--loader", required=True, metavar="NAME",
-                      help=f"Loader: {', '.join(_loader_names())}; `node-agent loaders` "
-                           "says which run here.")(fn)
-    return click.option("--format", "format_id", required=True, metavar="ID",
-                        help="Format id to read (one of the dataset's formats).")(fn)
+OPTIONS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
+    "store": click.option("--store", required=True, metavar="URL",
+                          help="The store that prep/convert.py wrote (path or s3://...)."),
+    "dataset": click.option("--dataset", required=True, help="Dataset name in the store."),
+    "storage-options": click.option(
+        "--storage-options", metavar="JSON",
+        help="fsspec options for --store/--results (S3 endpoint, keys); "
+             "the AWS environment is used otherwise."),
+    "rank": click.option("--rank", type=click.IntRange(min=0), default=None,
+                         help="This node's rank (default: RANK or SLURM_PROCID, else 0)."),
+    "world-size": click.option(
+        "--world-size", type=click.IntRange(min=1), default=None,
+        help="Number of ranks (default: WORLD_SIZE or SLURM_NTASKS, else 1)."),
+    "cache": click.option("--cache", default=DEFAULT_CACHE, show_default=True, metavar="DIR",
+                          help="Local cache directory (fast local disk, e.g. NVMe)."),
+    "results": click.option("--results", default=DEFAULT_RESULTS, show_default=True,
+                            metavar="URL", help="Results store (path or s3://...)."),
+    "epochs": click.option("--epochs", type=click.IntRange(min=1), default=3,
+                           show_default=True),
+    "batch-size": click.option("--batch-size", type=click.IntRange(min=1), default=256,
+                               show_default=True),
+    "workers": click.option("--workers", type=click.IntRange(min=0), default=2,
+                            show_default=True, help="DataLoader worker processes (CPU loaders)."),
+    "model": click.option("--model", type=click.Choice(_models()), default=None,
+                          help="Model (default: convnet on CPU, resnet18 on CUDA)."),
+    "optimizer": click.option("--optimizer", type=click.Choice(["sgd", "rmsprop"]),
+                              default="sgd", show_default=True),
+    "lr": click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+                       help="Learning rate (default: 0.05 for sgd, 0.001 for rmsprop)."),
+    "device": click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]),
+                           default="auto", show_default=True),
+    "seed": click.option("--seed", type=int, default=0, show_default=True),
+    "max-steps": click.option("--max-steps", type=click.IntRange(min=1), default=None,
+                              help="Stop each epoch after this many steps."),
+    "cold": click.option("--cold", is_flag=True,
+                         help="Evict the cached files from the page cache before each epoch."),
+    "no-cache": click.option("--no-cache", is_flag=True,
+                             help="Read straight from the store (zarr only)."),
+    "format": click.option("--format", "format_id", required=True, metavar="ID",
+                           help="Format id (one of the dataset's formats)."),
+    "loader": click.option("--loader", required=True, metavar="NAME",
+                           help=f"Loader: {', '.join(_loader_names())}; `node-agent loaders` "
+                                "says which run here."),
+    "emulate-step-ms": click.option(
+        "--emulate-step-ms", type=click.FloatRange(min=0), default=None,
+        help="Sleep this long per step, standing in for an accelerator's step "
+             "(bench, or matrix --bench)."),
+}
+
+STORE = ("store", "dataset", "storage-options")
+RANK = ("rank", "world-size")
+RUN = (*STORE, *RANK, "cache", "results", "epochs", "batch-size", "workers", "model",
+       "optimizer", "lr", "device", "seed", "max-steps", "cold", "no-cache")
+PAIR = ("format", "loader")
+
+
+def options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Apply the named :data:`OPTIONS`, listed in ``--help`` in this order."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for name in reversed(names):
+            fn = OPTIONS[name](fn)
+        return fn
+
+    return decorate
 
 
 # ----------------------------------------------------------------------------- commands
+# Each command calls one body; the bodies import torch (if at all) after the usage
+# checks that need none.
 
 @cli.command("loaders")
 @click.option("--check", is_flag=True,
@@ -157,62 +169,45 @@ def pair_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_handle_errors
 def loaders_cmd(check: bool) -> None:
     """Table of loaders: formats, device, whether available here and why not."""
-    from node.commands import print_loaders
+    from node.loader_table import print_loaders
 
     print_loaders(check)
 
 
 @cli.command("cache")
-@store_options
-@rank_options
-@click.option("--format", "format_id", required=True, metavar="ID",
-              help="Format id to cache (one of the dataset's formats).")
-@click.option("--cache", default=DEFAULT_CACHE, show_default=True, metavar="DIR",
-              help="Local cache directory.")
+@options(*STORE, *RANK, "format", "cache")
 @_handle_errors
 def cache_cmd(**kwargs: Any) -> None:
     """Fetch this rank's shards of one format (and the val split) to the cache."""
-    from node.commands import cache
+    from node.cache_fill import cache_for_rank
 
-    cache(**kwargs)
+    cache_for_rank(**kwargs)
 
 
 @cli.command("run")
-@run_options
-@pair_options
+@options(*RUN, *PAIR)
 @_handle_errors
 def run_cmd(**kwargs: Any) -> None:
     """Cache, train with one loader, measure, and append the results."""
-    from node.commands import preflight
+    from node.config import RunConfig
+    from node.measure import measure
 
-    preflight(**kwargs)  # usage mistakes answered before torch is imported
-    from node.runner import RunConfig, run
-
-    record = run(RunConfig.from_cli(mode="train", **kwargs))
-    if record.get("status") != "ok":
-        raise RunFailed(record.get("error") or "run failed")
+    measure(RunConfig.from_cli(mode="train", **kwargs))
 
 
 @cli.command("bench")
-@run_options
-@pair_options
-@click.option("--emulate-step-ms", type=click.FloatRange(min=0), default=None,
-              help="Sleep this long per step, standing in for an accelerator's step.")
+@options(*RUN, *PAIR, "emulate-step-ms")
 @_handle_errors
-def bench_cmd(emulate_step_ms: float | None, **kwargs: Any) -> None:
+def bench_cmd(**kwargs: Any) -> None:
     """Loader throughput alone (no model), every step timed; optional emulated step."""
-    from node.commands import preflight
+    from node.config import RunConfig
+    from node.measure import measure
 
-    preflight(**kwargs)
-    from node.runner import RunConfig, run
-
-    record = run(RunConfig.from_cli(mode="bench", emulate_step_ms=emulate_step_ms, **kwargs))
-    if record.get("status") != "ok":
-        raise RunFailed(record.get("error") or "bench failed")
+    measure(RunConfig.from_cli(mode="bench", **kwargs))
 
 
 @cli.command("matrix")
-@run_options
+@options(*RUN)
 @click.option("--loaders", "loader_list", default="all", show_default=True,
               help="Comma-separated loaders to try.")
 @click.option("--formats", "format_list", default="all", show_default=True,
@@ -221,19 +216,18 @@ def bench_cmd(emulate_step_ms: float | None, **kwargs: Any) -> None:
               help="Run every pair this many times.")
 @click.option("--bench", "bench_mode", is_flag=True,
               help="Measure loader throughput alone (no model), like `bench`.")
-@click.option("--emulate-step-ms", type=click.FloatRange(min=0), default=None,
-              help="With --bench: emulated accelerator step per batch.")
+@options("emulate-step-ms")
 @_handle_errors
 def matrix_cmd(**kwargs: Any) -> None:
     """Run every loader x format pair that fits and can run here."""
-    from node.commands import matrix
+    from node.config import MatrixConfig
+    from node.measure import matrix
 
-    matrix(**kwargs)
+    matrix(MatrixConfig.from_cli(**kwargs))
 
 
 @cli.command("report")
-@click.option("--results", default=DEFAULT_RESULTS, show_default=True, metavar="URL",
-              help="Results store to read.")
+@options("results")
 @click.option("--out", default="./report", show_default=True, metavar="DIR",
               help="Where to write Markdown, CSV and PNG charts.")
 @click.option("--max-bytes", type=click.IntRange(min=1), default=None,

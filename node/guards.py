@@ -66,7 +66,7 @@ def val_warnings(labels: Sequence[int] | np.ndarray, class_names: Sequence[str])
 
 def run_warnings(fill: Any, batch_size: int, max_steps: int | None,
                  class_names: Sequence[str], *, validate: bool) -> list[str]:
-    """Every warning for a run over a cache fill (``node.runner.CacheFill``).
+    """Every warning for a run over a cache fill (:class:`node.cache_fill.CacheFill`).
 
     The validation checks apply only when the run validates and this rank holds the
     validation split (rank 0).

@@ -265,7 +265,7 @@ def hardware_info(cache_dir: Path | str) -> dict[str, Any]:
         "machine": platform.machine(),
         "kernel": platform.release(),
     }
-    from node.telemetry import nvml_hardware  # NVML lives there; imported late
+    from node.nvml import nvml_hardware  # imported late: only where hardware is asked for
 
     info.update(nvml_hardware())
     try:

@@ -10,6 +10,7 @@ are the visible ones.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,3 +123,95 @@ def cuda_handles(nvml: Any) -> list[Any] | None:
         return None
     found = match(cuda, nvml_devices(nvml))
     return [nvml.nvmlDeviceGetHandleByUUID(d.uuid) for d in found if d is not None]
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def nvml_open() -> Any | None:
+    """The initialised ``pynvml`` module, or None without a usable NVIDIA driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception:  # noqa: BLE001 - any NVML failure means "no GPU figures"
+        return None
+
+
+def _nvml_str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def visible_handles(nvml: Any) -> list[Any]:
+    """NVML handles of the GPUs this process may use (``CUDA_VISIBLE_DEVICES``)."""
+    handles = cuda_handles(nvml)  # by UUID / bus id: CUDA's order is not NVML's
+    if handles is not None:
+        return handles
+    count = nvml.nvmlDeviceGetCount()
+    handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return handles
+    chosen = []
+    for item in (v.strip() for v in visible.split(",") if v.strip()):
+        if item.lstrip("-").isdigit():
+            index = int(item)
+            if index < 0:  # CUDA stops at the first invalid entry
+                break
+            if index < count:
+                chosen.append(handles[index])
+            continue
+        for h in handles:  # a UUID or its unique prefix
+            try:
+                if _nvml_str(nvml.nvmlDeviceGetUUID(h)).startswith(item):
+                    chosen.append(h)
+                    break
+            except Exception:  # noqa: BLE001
+                continue
+    return chosen
+
+
+def gpu_name(index: int = 0) -> str | None:
+    """The model name of the ``index``-th visible GPU, or None without one."""
+    nvml = nvml_open()
+    if nvml is not None:
+        try:
+            handles = visible_handles(nvml)
+            if index < len(handles):
+                return _nvml_str(nvml.nvmlDeviceGetName(handles[index]))
+        except Exception:  # noqa: BLE001
+            pass
+        finally:
+            nvml_close(nvml)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and index < torch.cuda.device_count():
+        return str(torch.cuda.get_device_name(index))
+    return None
+
+
+def nvml_close(nvml: Any) -> None:
+    try:
+        nvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def nvml_hardware() -> dict[str, Any]:
+    """The GPU part of :func:`node.machine.hardware_info`; empty without NVML."""
+    info: dict[str, Any] = {}
+    nvml = nvml_open()
+    if nvml is None:
+        return info
+    try:
+        info["gpu_driver"] = _nvml_str(nvml.nvmlSystemGetDriverVersion())
+        v = nvml.nvmlSystemGetCudaDriverVersion_v2()
+        info["cuda_driver_version"] = f"{v // 1000}.{v % 1000 // 10}"
+        info["gpus"] = [{"name": _nvml_str(nvml.nvmlDeviceGetName(h)),
+                         "memory_total_bytes": int(nvml.nvmlDeviceGetMemoryInfo(h).total)}
+                        for h in visible_handles(nvml)]
+    except Exception:  # noqa: BLE001 - partial GPU info beats none
+        pass
+    finally:
+        nvml_close(nvml)
+    return info

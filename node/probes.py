@@ -1,8 +1,8 @@
 """Probes of a process tree: CPU seconds, storage reads and memory (DESIGN section 8).
 
 Each probe reads one kind of figure from a set of processes; :class:`node.telemetry.Sampler`
-drives them from its thread and keeps the windows. The GPU probe lives beside the NVML
-helpers in :mod:`node.telemetry`.
+drives them from its thread and keeps the windows. The GPU probe reads NVML through
+the driver helpers of :mod:`node.nvml`.
 
 Children that exit: when a parent reaps a child, Linux adds the child's CPU times
 (``cutime``/``cstime``) and I/O counters to the parent's, so summing the live tree
@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import psutil
+
+from node.nvml import nvml_close, nvml_open, visible_handles
 
 ProcKey = tuple[int, float]  # (pid, create_time): survives pid reuse
 Procs = dict[ProcKey, psutil.Process]
@@ -250,3 +252,76 @@ class MemoryProbe:
         self._cost_s = cost if self._cost_s is None else 0.7 * self._cost_s + 0.3 * cost
         self.next_due = time.perf_counter() + self.interval_s
         return self.last
+
+
+class GpuProbe:
+    """NVML utilisation and GPU memory of the tree's processes on the visible GPUs.
+
+    Attributes:
+        vram_kind: ``"process"`` (NVML's per-process figures for the tree's pids) or
+            ``"device"`` (the pids were not visible, e.g. another PID namespace, so the
+            watched GPUs' whole used memory); None before the first read.
+    """
+
+    def __init__(self, nvml: Any, handles: list[Any]) -> None:
+        self._nvml = nvml
+        self._gpus = handles
+        self.vram_kind: str | None = None
+
+    @classmethod
+    def open(cls) -> GpuProbe | None:
+        """A probe of the visible GPUs, or None without NVML or GPUs."""
+        nvml = nvml_open()
+        if nvml is None:
+            return None
+        try:
+            handles = visible_handles(nvml)
+        except Exception:  # noqa: BLE001
+            handles = []
+        if not handles:
+            nvml_close(nvml)
+            return None
+        return cls(nvml, handles)
+
+    def close(self) -> None:
+        nvml_close(self._nvml)
+
+    def read(self, pids: set[int]) -> tuple[float | None, int | None]:
+        """Mean utilisation (of the GPUs our pids use, else all) and the tree's VRAM."""
+        nvml = self._nvml
+        utils_all: list[float] = []
+        utils_ours: list[float] = []
+        ours = device_used = 0
+        matched = others_listed = False
+        for h in self._gpus:
+            util: float | None = None
+            try:
+                util = float(nvml.nvmlDeviceGetUtilizationRates(h).gpu)
+                utils_all.append(util)
+            except Exception:  # noqa: BLE001 - e.g. not supported under MIG
+                pass
+            try:
+                procs = nvml.nvmlDeviceGetComputeRunningProcesses(h)
+            except Exception:  # noqa: BLE001
+                procs = []
+            on_this = [p for p in procs if p.pid in pids]
+            if on_this:
+                matched = True
+                ours += sum(p.usedGpuMemory or 0 for p in on_this)
+                if util is not None:
+                    utils_ours.append(util)
+            elif procs:
+                others_listed = True
+            try:
+                device_used += int(nvml.nvmlDeviceGetMemoryInfo(h).used)
+            except Exception:  # noqa: BLE001
+                pass
+        if not matched and not others_listed:  # NVML lists no process: no figure, not 0
+            self.vram_kind, vram = None, None
+        elif matched:
+            self.vram_kind, vram = "process", ours
+        else:
+            # Processes are listed but none of our pids: a container's PID namespace.
+            self.vram_kind, vram = "device", device_used
+        utils = utils_ours or utils_all
+        return (sum(utils) / len(utils) if utils else None), vram

@@ -5,14 +5,33 @@ Lines go to stderr (results tables to stdout), flushed, so they show in logs too
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from shared.progress import duration, note, seconds_left
 
 
+def transfer_bar(enabled: bool, total: int,
+                 label: str) -> tuple[Any, Callable[[int], None] | None]:
+    """A live bar of ``total`` files and its advance callback; (None, None) unless
+    ``enabled`` on a terminal (logs get the one line of :func:`cache_done`)."""
+    if not enabled or not os.isatty(2):
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TransferSpeedColumn
+
+    from shared.progress import stderr_console
+
+    bar = Progress("[bold]{task.description}", BarColumn(), MofNCompleteColumn(),
+                   TransferSpeedColumn(), transient=True, console=stderr_console())
+    task = bar.add_task(label, total=total)
+    bar.start()
+    return bar, lambda n: bar.update(task, advance=n)
+
+
 def cache_done(label: str, fill: Any) -> None:
-    """One line when the cache fill is done (``node.runner.CacheFill``)."""
+    """One line when the cache fill is done (:class:`node.cache_fill.CacheFill`)."""
     s = fill.stats
     note(f"{label}: cache ready: {s.files_total} files, {s.bytes_total / 2**20:,.1f} MiB "
          f"({s.files_fetched} fetched) in {s.seconds:.1f} s")

@@ -1,9 +1,17 @@
-"""The body of one measured run, from cache to results rows."""
+"""Execute a :class:`~node.plan.RunPlan`: cache, build the loaders, run the epoch loop
+with the run's step strategy (train or bench), and write the results rows.
+
+:func:`run` writes one ``runs`` row and one ``epochs`` row per epoch for every run that
+got as far as a loader, failed runs included (``status = "failed"`` and the error).
+Usage errors raise :class:`UsageError` (from :func:`node.plan.resolve`, or a loader that
+finds it does not fit) before anything is written.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,79 +20,59 @@ from typing import Any
 
 import torch
 
+from node.bench import bench_step
+from node.cache_fill import CacheFill, fill_cache
+from node.config import RunConfig
 from node.errors import UsageError
 from node.guards import print_warnings, run_warnings
-from node.progress import cache_done
-from node.runner import RunConfig, build_loader, fill_cache, host_name
+from node.loaders.base import LoaderConfig, ShardSlice
 from node.machine import (cpu_budget, evict_page_cache, hardware_id, hardware_info,
                           page_cache_fits, versions_info)
-from node.telemetry import Sampler, gpu_name
-from shared.formats import Format
-from shared.manifest import Manifest
+from node.models import unwrap
+from node.nvml import gpu_name
+from node.plan import RunPlan, resolve
+from node.progress import EpochProgress, cache_done
+from node.steps import Step
+from node.telemetry import Sampler
+from node.train import Trainer, TrainResult, TrainStep
 from shared.results import new_id, utc_now, write_rows
-from shared.storage import Store, redact
+from shared.storage import redact
 
 DEFAULT_MODEL = {"cpu": "convnet", "cuda": "resnet18"}
 
 
+def run(config: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
+    """Resolve and execute one measured run; returns the ``runs`` row written."""
+    return RunSession(resolve(config), quiet=quiet).execute()
+
+
 @dataclass
 class RunSession:
-    """One run: everything resolved, nothing measured yet."""
+    """Executes one plan; holds what the run learns on the way (its id, the weights)."""
 
-    config: RunConfig
-    store: Store
-    manifest: Manifest
-    fmt: Format
-    loader_cls: type
-    device: torch.device
-    rank: int
-    world_size: int
-    results: Store
+    plan: RunPlan
     quiet: bool = False
     run_id: str = field(default_factory=new_id)
     model_checksum: str | None = field(default=None, init=False)  # set by a training run
-    _train_bytes: int | None = field(default=None, init=False, repr=False)
+
+    @property
+    def config(self) -> RunConfig:
+        return self.plan.config
 
     def execute(self) -> dict[str, Any]:
         """Cache, load, train or bench, and write the rows; returns the ``runs`` row."""
-        cfg = self.config
         started = utc_now()
         ddp = self._init_distributed()
         row: dict[str, Any] = self._base_row(started)
         epochs: list[dict[str, Any]] = []
         loaders: list[Any] = []
-        if self.device.type == "cpu":
+        if self.plan.device.type == "cpu":
             # Leave cores to the DataLoader workers: on a small machine intra-op threads
             # competing with them slow every step down (recorded in the config column).
-            torch.set_num_threads(max(1, row["cpu_budget"] - cfg.workers))
+            torch.set_num_threads(max(1, row["cpu_budget"] - self.config.loader.workers))
             row["config"]["torch_threads"] = torch.get_num_threads()
         try:
-            fill = self._cache()
-            row.update(cache_time_s=fill.stats.seconds, cache_bytes=fill.stats.bytes_total,
-                       fits_in_ram=page_cache_fits(fill.stats.bytes_total))
-            row["config"]["warnings"] = run_warnings(fill, cfg.batch_size, cfg.max_steps,
-                                                     self.manifest.class_names,
-                                                     validate=cfg.mode == "train")
-            print_warnings(row["config"]["warnings"])
-            if not self.quiet:
-                cache_done(f"{self.manifest.name}/{self.fmt.id}", fill)
-            train = build_loader(self.loader_cls, self.fmt, fill.train, self.manifest, cfg,
-                                 self.device, shuffle=True, options=self.store.storage_options)
-            loaders.append(train)
-            val = None
-            if fill.val and cfg.mode == "train":
-                val = build_loader(self.loader_cls, self.fmt, fill.val, self.manifest, cfg,
-                                   self.device, shuffle=False,
-                                   options=self.store.storage_options)
-                loaders.append(val)
-            before_epoch = _evictor(loaders, fill.stats.paths) if cfg.cold else None
-            self._train_bytes = _local_bytes(fill.train)
-            with Sampler(gpu=self.device.type == "cuda") as sampler:
-                result = self._fit(train, val, sampler, before_epoch, ddp)
-            epochs = result.epochs
-            row.update(result.run_columns())
-            row.update(self._loader_columns(train, sampler))
-            row["model_checksum"] = self.model_checksum
+            self._measure(row, loaders, epochs, ddp)
             row["status"] = "ok"
         except UsageError:
             raise
@@ -102,29 +90,78 @@ class RunSession:
             print_summary(row, epochs)
         return row
 
+    def _measure(self, row: dict[str, Any], loaders: list[Any],
+                 epochs: list[dict[str, Any]], ddp: bool) -> None:
+        """Fill the cache, open the loaders (appended to ``loaders`` for closing), run
+        the epochs (their rows appended to ``epochs``); fills in ``row``."""
+        plan, cfg = self.plan, self.config
+        fill = self._cache(row)
+        train = self._loader(fill.train, shuffle=True)
+        loaders.append(train)
+        val = None
+        if fill.val and cfg.measure.mode == "train":
+            val = self._loader(fill.val, shuffle=False)
+            loaders.append(val)
+        before_epoch = _evictor(loaders, fill.stats.paths) if cfg.measure.cold else None
+        data_bytes = _local_bytes(fill.train)
+        with Sampler(gpu=plan.device.type == "cuda") as sampler:
+            result = self._fit(train, val, sampler, before_epoch, ddp, data_bytes)
+        epochs.extend(result.epochs)
+        row.update(result.run_columns())
+        row.update(self._loader_columns(train, sampler))
+        row["model_checksum"] = self.model_checksum
+
     # ------------------------------------------------------------------ steps
 
     def _base_row(self, started: Any) -> dict[str, Any]:
-        cfg = self.config
-        model = cfg.model or DEFAULT_MODEL[self.device.type]
-        hardware = hardware_info(Path(cfg.cache))
+        plan, cfg = self.plan, self.config
+        measure, device = cfg.measure, plan.device
+        model = cfg.training.model or DEFAULT_MODEL[device.type]
+        hardware = hardware_info(Path(cfg.data.cache))
+        emulated = f"emulated-{measure.emulate_step_ms:g}ms" if measure.emulate_step_ms \
+            else "none"
         return {
             "run_id": self.run_id, "started_at": started, "status": "failed",
-            "host": host_name(), "rank": self.rank, "world_size": self.world_size,
-            "dataset": self.manifest.name, "format": self.fmt.id, "loader": cfg.loader,
-            "device": str(self.device), "gpu_name": gpu_name() if self.device.type == "cuda"
-            else None,
-            "io_path": getattr(self.loader_cls, "io_path", "host"),
-            "model": model if cfg.mode == "train" else (
-                f"emulated-{cfg.emulate_step_ms:g}ms" if cfg.emulate_step_ms else "none"),
-            "epochs": cfg.epochs, "batch_size": cfg.batch_size, "workers": cfg.workers,
-            "image_size": self.manifest.height, "versions": versions_info(),
-            "config": cfg.public() | {"model": model, "rank": self.rank,
-                                      "world_size": self.world_size},
-            "hardware": hardware, "hardware_id": hardware_id(hardware), "repeat": cfg.repeat,
-            "mode": cfg.mode, "emulated_step_ms": cfg.emulate_step_ms,
-            "cpu_budget": cpu_budget(), "cold_requested": cfg.cold,
+            "host": socket.gethostname(), "rank": plan.rank, "world_size": plan.world_size,
+            "dataset": plan.manifest.name, "format": plan.fmt.id, "loader": cfg.loader.loader,
+            "device": str(device),
+            "gpu_name": gpu_name() if device.type == "cuda" else None,
+            "io_path": getattr(plan.loader_cls, "io_path", "host"),
+            "model": model if measure.mode == "train" else emulated,
+            "epochs": cfg.training.epochs, "batch_size": cfg.loader.batch_size,
+            "workers": cfg.loader.workers, "image_size": plan.manifest.height,
+            "versions": versions_info(),
+            "config": cfg.public() | {"model": model, "rank": plan.rank,
+                                      "world_size": plan.world_size},
+            "hardware": hardware, "hardware_id": hardware_id(hardware),
+            "repeat": measure.repeat, "mode": measure.mode,
+            "emulated_step_ms": measure.emulate_step_ms,
+            "cpu_budget": cpu_budget(), "cold_requested": measure.cold,
         }
+
+    def _cache(self, row: dict[str, Any]) -> CacheFill:
+        """Fill the cache; its figures and the guards' warnings go into ``row``."""
+        plan, cfg = self.plan, self.config
+        fill = fill_cache(plan.store, plan.manifest, plan.shards, cfg.data.cache,
+                          no_cache=cfg.data.no_cache, progress=not self.quiet)
+        row.update(cache_time_s=fill.stats.seconds, cache_bytes=fill.stats.bytes_total,
+                   fits_in_ram=page_cache_fits(fill.stats.bytes_total))
+        row["config"]["warnings"] = run_warnings(fill, cfg.loader.batch_size,
+                                                 cfg.training.max_steps,
+                                                 plan.manifest.class_names,
+                                                 validate=cfg.measure.mode == "train")
+        print_warnings(row["config"]["warnings"])
+        if not self.quiet:
+            cache_done(f"{plan.manifest.name}/{plan.fmt.id}", fill)
+        return fill
+
+    def _loader(self, slices: list[ShardSlice], *, shuffle: bool) -> Any:
+        plan, cfg = self.plan, self.config
+        return build_loader(plan.loader_cls, LoaderConfig(
+            fmt=plan.fmt, shards=tuple(slices), batch_size=cfg.loader.batch_size,
+            workers=cfg.loader.workers, seed=cfg.training.seed, device=plan.device,
+            image_shape=(plan.manifest.height, plan.manifest.width, plan.manifest.channels),
+            shuffle=shuffle, storage_options=dict(plan.store.storage_options)))
 
     @staticmethod
     def _loader_columns(train: Any, sampler: Sampler) -> dict[str, Any]:
@@ -138,59 +175,71 @@ class RunSession:
                 "vram_kind": sampler.vram_kind}
 
     def _init_distributed(self) -> bool:
-        if self.world_size <= 1 or "MASTER_ADDR" not in os.environ:
+        plan = self.plan
+        if plan.world_size <= 1 or "MASTER_ADDR" not in os.environ:
             return False
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
+            backend = "nccl" if plan.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, rank=plan.rank, world_size=plan.world_size)
         # One run id for the whole job, one row per rank.
         shared = [self.run_id]
         dist.broadcast_object_list(shared, src=0)
-        self.run_id = f"{shared[0]}-r{self.rank}"
+        self.run_id = f"{shared[0]}-r{plan.rank}"
         return True
 
-    def _cache(self) -> Any:
+    def _fit(self, train: Any, val: Any, sampler: Sampler, before_epoch: Any, ddp: bool,
+             data_bytes: int | None) -> TrainResult:
         cfg = self.config
-        return fill_cache(self.store, self.manifest, self.fmt.id, cfg.cache, self.rank,
-                          self.world_size, no_cache=cfg.no_cache, progress=not self.quiet)
-
-    def _fit(self, train: Any, val: Any, sampler: Sampler, before_epoch: Any,
-             ddp: bool) -> Any:
-        cfg = self.config
-        if cfg.mode == "bench":
-            from node.bench import Bencher
-
-            bencher = Bencher(device=self.device, sampler=sampler, max_steps=cfg.max_steps,
-                              cold=cfg.cold, emulate_step_ms=cfg.emulate_step_ms)
-            bencher.data_bytes = self._train_bytes
-            return bencher.fit(train, cfg.epochs, before_epoch=before_epoch,
-                               after_epoch=self._progress())
-        from node.train import Trainer
-
-        trainer = Trainer.build(
-            model=cfg.model or DEFAULT_MODEL[self.device.type],
-            num_classes=len(self.manifest.class_names), image_size=self.manifest.height,
-            device=self.device, seed=cfg.seed, optimizer=cfg.optimizer, lr=cfg.lr, ddp=ddp,
-            rank=self.rank, sampler=sampler, max_steps=cfg.max_steps, cold=cfg.cold)
-        trainer.data_bytes = self._train_bytes
-        result = trainer.fit(train, cfg.epochs, val_loader=val, before_epoch=before_epoch,
-                             after_epoch=self._progress())
-        self.model_checksum = weights_checksum(trainer.model)
+        step = self._step(ddp)
+        trainer = Trainer(step, device=self.plan.device, sampler=sampler,
+                          max_steps=cfg.training.max_steps, cold=cfg.measure.cold)
+        trainer.data_bytes = data_bytes
+        result = trainer.fit(train, cfg.training.epochs, val_loader=val,
+                             before_epoch=before_epoch, after_epoch=self._progress())
+        if isinstance(step, TrainStep):
+            self.model_checksum = weights_checksum(step.model)
         return result
 
-    def _progress(self) -> Any:
-        from node.progress import EpochProgress
+    def _step(self, ddp: bool) -> Step:
+        """The step strategy: a training step, or bench's loader-only (emulated) step."""
+        plan, cfg = self.plan, self.config
+        if cfg.measure.mode == "bench":
+            return bench_step(cfg.measure.emulate_step_ms)
+        training = cfg.training
+        return TrainStep.build(
+            model=training.model or DEFAULT_MODEL[plan.device.type],
+            num_classes=len(plan.manifest.class_names), image_size=plan.manifest.height,
+            device=plan.device, seed=training.seed, optimizer=training.optimizer,
+            lr=training.lr, ddp=ddp, rank=plan.rank)
 
-        label = f"{self.manifest.name}/{self.fmt.id}/{self.config.loader}"
-        return None if self.quiet else EpochProgress(label, self.config.epochs)
+    def _progress(self) -> EpochProgress | None:
+        plan = self.plan
+        label = f"{plan.manifest.name}/{plan.fmt.id}/{self.config.loader.loader}"
+        return None if self.quiet else EpochProgress(label, self.config.training.epochs)
 
     def _write(self, row: dict[str, Any], epochs: list[dict[str, Any]]) -> None:
         if epochs:
-            write_rows(self.results, "epochs",
+            write_rows(self.plan.results, "epochs",
                        [{"run_id": self.run_id, **e} for e in epochs], file_id=self.run_id)
-        write_rows(self.results, "runs", [row], file_id=self.run_id)
+        write_rows(self.plan.results, "runs", [row], file_id=self.run_id)
+
+
+def build_loader(loader_cls: type, config: LoaderConfig) -> Any:
+    """A loader instance; its fit check (e.g. free VRAM) failing is a usage error."""
+    from node.loaders import LoaderUnavailable
+
+    try:
+        loader = loader_cls(config)
+    except LoaderUnavailable as exc:
+        raise UsageError(f"loader {loader_cls.name!r}: {exc}") from None
+    try:
+        loader.check_fits()
+    except LoaderUnavailable as exc:
+        loader.close()
+        raise UsageError(f"loader {loader_cls.name!r}: {exc}") from None
+    return loader
 
 
 def weights_checksum(model: torch.nn.Module) -> str:
@@ -199,8 +248,6 @@ def weights_checksum(model: torch.nn.Module) -> str:
     Buffers (BatchNorm running statistics) are left out: DDP broadcasts them from rank 0
     at each forward, so after the last step each rank holds its own.
     """
-    from node.train import unwrap
-
     h = hashlib.blake2b(digest_size=12)
     for name, tensor in sorted(unwrap(model).named_parameters()):
         h.update(name.encode())

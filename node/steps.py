@@ -1,14 +1,43 @@
-"""Per-step figures of an epoch: batch waits and their percentiles, stage times, and
-whether the epoch really read from storage (DESIGN section 8)."""
+"""Steps of the epoch loop: what a step does (:class:`Step`, the strategy the trainer
+takes) and the per-step figures of an epoch: batch waits and their percentiles, stage
+times, and whether the epoch really read from storage (DESIGN section 8)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import abc
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from node.loaders.base import Batch
+
+if TYPE_CHECKING:
+    import torch
+
+    from node.evaluation import EvalResult
+
+
+class Step(abc.ABC):
+    """What :class:`node.train.Trainer` does with each batch once it is on the device.
+
+    The trainer times the call as the step's ``compute``; a step that ``trains``
+    returns a loss and a count of correct predictions, the others ``(None, 0)``.
+    """
+
+    trains: ClassVar[bool] = False
+
+    def start_epoch(self) -> None:
+        """Called before an epoch's first batch (a model goes to training mode)."""
+
+    @abc.abstractmethod
+    def __call__(self, images: torch.Tensor,
+                 labels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | int]:
+        """Do the step on one batch; returns the loss and the correct predictions."""
+
+    def evaluate(self, batches: Iterable[Batch]) -> EvalResult:
+        """Validate over ``batches``: only a step with a model can."""
+        raise ValueError(f"{type(self).__name__} has no model to validate")
 
 
 def epoch_is_cold(disk_read: int | None, consumed: int,

@@ -2,7 +2,7 @@
 
 :class:`Sampler` is a thread that watches the whole process tree (this process and
 every descendant, e.g. DataLoader workers) at 10 Hz by default, through one probe per
-kind of figure (:mod:`node.probes` for CPU, disk and memory; :class:`GpuProbe` here):
+kind of figure (:mod:`node.probes`: CPU and disk, memory, GPU):
 
 - **CPU** in percent of *one* core, like ``top`` (200 = two cores busy); also divided by
   the run's CPU budget (:func:`node.machine.cpu_budget`: affinity and cgroup quota).
@@ -19,14 +19,12 @@ kind of figure (:mod:`node.probes` for CPU, disk and memory; :class:`GpuProbe` h
 - **Disk** bytes the OS read from storage for the tree (``/proc/<pid>/io``
   ``read_bytes``).
 
-Page cache, CPU budget, hardware and versions live in :mod:`node.machine` (re-exported
-here).
+Page cache, CPU budget, hardware and versions live in :mod:`node.machine`; the NVML
+driver helpers (GPU names, visible devices) in :mod:`node.nvml`.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -34,180 +32,47 @@ from typing import Any
 
 import psutil
 
-from node.machine import (cpu_budget, evict_page_cache, hardware_id, hardware_info,  # noqa: F401
-                          page_cache_fits, versions_info)
-from node.probes import CpuDiskProbe, MemoryProbe, ProcKey, Procs, disk_read_bytes, tree  # noqa: F401
-
-
-# --------------------------------------------------------------------------- NVML
-
-
-def _nvml() -> Any | None:
-    """The initialised ``pynvml`` module, or None without a usable NVIDIA driver."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return pynvml
-    except Exception:  # noqa: BLE001 - any NVML failure means "no GPU figures"
-        return None
-
-
-def _nvml_str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _visible_handles(nvml: Any) -> list[Any]:
-    """NVML handles of the GPUs this process may use (``CUDA_VISIBLE_DEVICES``)."""
-    from node.nvml import cuda_handles  # by UUID / bus id: CUDA's order is not NVML's
-
-    handles = cuda_handles(nvml)
-    if handles is not None:
-        return handles
-    count = nvml.nvmlDeviceGetCount()
-    handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        return handles
-    chosen = []
-    for item in (v.strip() for v in visible.split(",") if v.strip()):
-        if item.lstrip("-").isdigit():
-            index = int(item)
-            if index < 0:  # CUDA stops at the first invalid entry
-                break
-            if index < count:
-                chosen.append(handles[index])
-            continue
-        for h in handles:  # a UUID or its unique prefix
-            try:
-                if _nvml_str(nvml.nvmlDeviceGetUUID(h)).startswith(item):
-                    chosen.append(h)
-                    break
-            except Exception:  # noqa: BLE001
-                continue
-    return chosen
-
-
-def gpu_name(index: int = 0) -> str | None:
-    """The model name of the ``index``-th visible GPU, or None without one."""
-    nvml = _nvml()
-    if nvml is not None:
-        try:
-            handles = _visible_handles(nvml)
-            if index < len(handles):
-                return _nvml_str(nvml.nvmlDeviceGetName(handles[index]))
-        except Exception:  # noqa: BLE001
-            pass
-        finally:
-            _nvml_shutdown(nvml)
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and index < torch.cuda.device_count():
-        return str(torch.cuda.get_device_name(index))
-    return None
-
-
-def _nvml_shutdown(nvml: Any) -> None:
-    try:
-        nvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001
-        pass
-
-
-def nvml_hardware() -> dict[str, Any]:
-    """The GPU part of :func:`node.machine.hardware_info`; empty without NVML."""
-    info: dict[str, Any] = {}
-    nvml = _nvml()
-    if nvml is None:
-        return info
-    try:
-        info["gpu_driver"] = _nvml_str(nvml.nvmlSystemGetDriverVersion())
-        v = nvml.nvmlSystemGetCudaDriverVersion_v2()
-        info["cuda_driver_version"] = f"{v // 1000}.{v % 1000 // 10}"
-        info["gpus"] = [{"name": _nvml_str(nvml.nvmlDeviceGetName(h)),
-                         "memory_total_bytes": int(nvml.nvmlDeviceGetMemoryInfo(h).total)}
-                        for h in _visible_handles(nvml)]
-    except Exception:  # noqa: BLE001 - partial GPU info beats none
-        pass
-    finally:
-        _nvml_shutdown(nvml)
-    return info
-
-
-
-class GpuProbe:
-    """NVML utilisation and GPU memory of the tree's processes on the visible GPUs.
-
-    Attributes:
-        vram_kind: ``"process"`` (NVML's per-process figures for the tree's pids) or
-            ``"device"`` (the pids were not visible, e.g. another PID namespace, so the
-            watched GPUs' whole used memory); None before the first read.
-    """
-
-    def __init__(self, nvml: Any, handles: list[Any]) -> None:
-        self._nvml = nvml
-        self._gpus = handles
-        self.vram_kind: str | None = None
-
-    @classmethod
-    def open(cls) -> GpuProbe | None:
-        """A probe of the visible GPUs, or None without NVML or GPUs."""
-        nvml = _nvml()
-        if nvml is None:
-            return None
-        try:
-            handles = _visible_handles(nvml)
-        except Exception:  # noqa: BLE001
-            handles = []
-        if not handles:
-            _nvml_shutdown(nvml)
-            return None
-        return cls(nvml, handles)
-
-    def close(self) -> None:
-        _nvml_shutdown(self._nvml)
-
-    def read(self, pids: set[int]) -> tuple[float | None, int | None]:
-        """Mean utilisation (of the GPUs our pids use, else all) and the tree's VRAM."""
-        nvml = self._nvml
-        utils_all: list[float] = []
-        utils_ours: list[float] = []
-        ours = device_used = 0
-        matched = others_listed = False
-        for h in self._gpus:
-            util: float | None = None
-            try:
-                util = float(nvml.nvmlDeviceGetUtilizationRates(h).gpu)
-                utils_all.append(util)
-            except Exception:  # noqa: BLE001 - e.g. not supported under MIG
-                pass
-            try:
-                procs = nvml.nvmlDeviceGetComputeRunningProcesses(h)
-            except Exception:  # noqa: BLE001
-                procs = []
-            on_this = [p for p in procs if p.pid in pids]
-            if on_this:
-                matched = True
-                ours += sum(p.usedGpuMemory or 0 for p in on_this)
-                if util is not None:
-                    utils_ours.append(util)
-            elif procs:
-                others_listed = True
-            try:
-                device_used += int(nvml.nvmlDeviceGetMemoryInfo(h).used)
-            except Exception:  # noqa: BLE001
-                pass
-        if not matched and not others_listed:  # NVML lists no process: no figure, not 0
-            self.vram_kind, vram = None, None
-        elif matched:
-            self.vram_kind, vram = "process", ours
-        else:
-            # Processes are listed but none of our pids: a container's PID namespace.
-            self.vram_kind, vram = "device", device_used
-        utils = utils_ours or utils_all
-        return (sum(utils) / len(utils) if utils else None), vram
+from node.machine import cpu_budget
+from node.probes import CpuDiskProbe, GpuProbe, MemoryProbe, ProcKey, Procs, tree
 
 
 # --------------------------------------------------------------------------- sampler
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    """The tree's memory over a window.
+
+    Attributes:
+        peak_bytes: highest summed memory of the tree (see ``kind``).
+        kind: ``"pss"`` or ``"rss"`` (PSS unreadable here).
+        interval_s: how often memory was read, on average.
+        peak_anon_bytes: highest anonymous (and shared-memory) part; None where the
+            kernel does not split it. Each part has its own peak, so the two need not
+            add up to ``peak_bytes``.
+        peak_file_bytes: highest file-backed part (mapped dataset files, libraries).
+    """
+
+    peak_bytes: int | None
+    kind: str
+    interval_s: float | None
+    peak_anon_bytes: int | None = None
+    peak_file_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class GpuStats:
+    """The watched GPUs over a window; every figure None without NVML.
+
+    Attributes:
+        util_mean_pct: mean NVML utilisation of the watched GPUs.
+        peak_vram_bytes: highest GPU memory of the tree.
+        vram_kind: see :attr:`node.probes.GpuProbe.vram_kind`.
+    """
+
+    util_mean_pct: float | None = None
+    peak_vram_bytes: int | None = None
+    vram_kind: str | None = None
 
 
 @dataclass(frozen=True)
@@ -219,16 +84,8 @@ class WindowStats:
         samples: sampler ticks in the window.
         cpu_util_mean_pct: mean CPU use in percent of one core (like ``top``).
         cpu_util_machine_pct: the same divided by the run's CPU budget (0..100).
-        peak_ram_bytes: highest summed memory of the tree (see ``memory_kind``).
-        peak_ram_anon_bytes: highest anonymous (and shared-memory) part; None where the
-            kernel does not split it. Each part has its own peak, so the two need not
-            add up to ``peak_ram_bytes``.
-        peak_ram_file_bytes: highest file-backed part (mapped dataset files, libraries).
-        memory_kind: ``"pss"`` or ``"rss"`` (PSS unreadable here).
-        memory_interval_s: how often memory was read, on average.
-        gpu_util_mean_pct: mean NVML utilisation of the watched GPUs; None without NVML.
-        peak_vram_bytes: highest GPU memory of the tree; None without NVML.
-        vram_kind: see :attr:`GpuProbe.vram_kind`; None without NVML.
+        memory: the tree's memory.
+        gpu: GPU utilisation and memory.
         disk_read_bytes: bytes read from storage by the tree; None where unreadable.
     """
 
@@ -236,24 +93,18 @@ class WindowStats:
     samples: int
     cpu_util_mean_pct: float | None
     cpu_util_machine_pct: float | None
-    peak_ram_bytes: int | None
-    memory_kind: str
-    memory_interval_s: float | None
-    gpu_util_mean_pct: float | None
-    peak_vram_bytes: int | None
-    vram_kind: str | None
+    memory: MemoryStats
+    gpu: GpuStats
     disk_read_bytes: int | None
-    peak_ram_anon_bytes: int | None = None
-    peak_ram_file_bytes: int | None = None
 
     def columns(self) -> dict[str, Any]:
         """The figures under their ``epochs`` column names."""
-        return {"peak_ram_bytes": self.peak_ram_bytes,
-                "peak_ram_anon_bytes": self.peak_ram_anon_bytes,
-                "peak_ram_file_bytes": self.peak_ram_file_bytes,
-                "peak_vram_bytes": self.peak_vram_bytes,
+        return {"peak_ram_bytes": self.memory.peak_bytes,
+                "peak_ram_anon_bytes": self.memory.peak_anon_bytes,
+                "peak_ram_file_bytes": self.memory.peak_file_bytes,
+                "peak_vram_bytes": self.gpu.peak_vram_bytes,
                 "cpu_util_mean_pct": self.cpu_util_mean_pct,
-                "gpu_util_mean_pct": self.gpu_util_mean_pct,
+                "gpu_util_mean_pct": self.gpu.util_mean_pct,
                 "disk_read_bytes": self.disk_read_bytes}
 
 
@@ -442,14 +293,13 @@ class Sampler:
             samples=w.samples,
             cpu_util_mean_pct=cpu,
             cpu_util_machine_pct=None if cpu is None else cpu / self._cores,
-            peak_ram_bytes=w.peak_ram,
-            peak_ram_anon_bytes=w.peak_anon,
-            peak_ram_file_bytes=w.peak_file,
-            memory_kind=self.memory_kind,
-            memory_interval_s=duration / reads if reads > 0 and duration > 0 else None,
-            gpu_util_mean_pct=w.gpu_util_sum / w.gpu_util_n if w.gpu_util_n else None,
-            peak_vram_bytes=w.peak_vram,
-            vram_kind=self.vram_kind,
+            memory=MemoryStats(
+                peak_bytes=w.peak_ram, kind=self.memory_kind,
+                interval_s=duration / reads if reads > 0 and duration > 0 else None,
+                peak_anon_bytes=w.peak_anon, peak_file_bytes=w.peak_file),
+            gpu=GpuStats(
+                util_mean_pct=w.gpu_util_sum / w.gpu_util_n if w.gpu_util_n else None,
+                peak_vram_bytes=w.peak_vram, vram_kind=self.vram_kind),
             disk_read_bytes=(self._cpu_disk.disk - w.disk0) if self._cpu_disk.disk_ok else None,
         )
 

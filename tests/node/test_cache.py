@@ -42,7 +42,7 @@ if slow:
         return copy(src, dst)
     c.copy_hashing = slowed
 from node.cli import main
-import node.runner  # imports torch: done before the start signal
+import node.session  # imports torch: done before the start signal
 if os.environ.get("FL_READY"):
     open(os.environ["FL_READY"], "w").close()
     while not os.path.exists(os.environ["FL_GO"]):

@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from node.cli import cli
-from node.commands import loader_rows
+from node.loader_table import loader_rows
 from node.loaders import LOADERS
 
 from conftest import Dataset, copy_store
@@ -200,3 +200,27 @@ def test_matrix_with_nothing_to_run_exits_2_naming_why(dataset: Dataset,
             "--loaders", "hdf5", "--formats", "npy"]
     assert exact_error(args) == "matrix: nothing to run here; hdf5: none of the formats npy fits it"
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "bench", "matrix"])
+def test_every_run_option_lands_in_the_config(command: str) -> None:
+    """Each option of run, bench and matrix reaches the frozen RunConfig under its own
+    name (matrix's own options aside), and the config column leaves the storage options
+    out: a new option with no config field would otherwise be dropped silently."""
+    import dataclasses
+
+    from node.config import MatrixConfig, RunConfig
+
+    params = {p.name: f"value-of-{p.name}" for p in cli.commands[command].params
+              if p.name != "help"}
+    if command == "matrix":
+        config = MatrixConfig.from_cli(**params).template
+        for own in ("loader_list", "format_list", "repeat", "bench_mode"):
+            params.pop(own)
+    else:
+        config = RunConfig.from_cli(mode="train", **params)
+    assert {k: v for k, v in config.flat().items() if k in params} == params
+    groups = [getattr(config, f.name) for f in dataclasses.fields(config)]
+    assert all(len(dataclasses.fields(g)) <= 10 for g in groups)  # small, grouped
+    assert "storage_options" not in config.public()
+    assert set(config.public()) == set(config.flat()) - {"storage_options"}

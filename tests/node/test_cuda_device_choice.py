@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from node.errors import UsageError
-from node.runner import cuda_device_index
+from node.plan import cuda_device_index
 
 
 @pytest.mark.parametrize("env,visible,expected", [

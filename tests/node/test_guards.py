@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 from click.testing import CliRunner
 
+from node.cache_fill import CacheFill
 from node.cli import cli
 from node.guards import run_warnings, step_warnings, val_warnings
-from node.runner import CacheFill
 
 from conftest import Dataset
 

@@ -16,9 +16,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from node.bench import Bencher
+from node.bench import bench_step
 from node.cli import cli
 from node.loaders import LOADERS, Batch, Loader, LoaderConfig
+from node.train import Trainer
 from shared.formats import get_format
 from shared.results import EPOCHS, RUNS
 
@@ -193,7 +194,7 @@ class Throttled(Loader):
 @pytest.mark.parametrize("data_ms,step_ms", [(10, 30), (30, 10)])
 def test_bench_utilisation_matches_step_vs_data_time(data_ms: int, step_ms: int) -> None:
     loader = Throttled(batches=30, data_s=data_ms / 1000)
-    result = Bencher(device="cpu", emulate_step_ms=step_ms).fit(loader, epochs=1)
+    result = Trainer(bench_step(step_ms), device="cpu").fit(loader, epochs=1)
     cols = result.run_columns()
     compute = len(loader.slept) * step_ms / 1000
     expected = compute / (compute + sum(loader.slept))  # no prefetch: data and step alternate

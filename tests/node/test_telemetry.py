@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from node import machine, telemetry
+from node import machine, nvml, probes
 from node.machine import cpu_budget
 from node.telemetry import Sampler
 
@@ -66,7 +66,7 @@ def test_child_memory_counts(ctx: mp.context.SpawnContext) -> None:
     ready, stop = ctx.Event(), ctx.Event()
     child = ctx.Process(target=_hold_memory, args=(200 * MB, ready, stop))
     with Sampler(interval_s=0.1) as sampler:
-        before = sampler.window().peak_ram_bytes
+        before = sampler.window().memory.peak_bytes
         child.start()
         try:
             assert ready.wait(30)
@@ -75,9 +75,9 @@ def test_child_memory_counts(ctx: mp.context.SpawnContext) -> None:
         finally:
             stop.set()
             child.join(10)
-    assert before is not None and during.peak_ram_bytes is not None
-    assert during.peak_ram_bytes - before >= 190 * MB
-    assert during.memory_kind in ("pss", "rss")
+    assert before is not None and during.memory.peak_bytes is not None
+    assert during.memory.peak_bytes - before >= 190 * MB
+    assert during.memory.kind in ("pss", "rss")
 
 
 def test_rate_and_lifecycle() -> None:
@@ -89,7 +89,7 @@ def test_rate_and_lifecycle() -> None:
         totals = sampler.totals()
     assert ticks >= 5
     assert totals.samples >= ticks
-    assert totals.gpu_util_mean_pct is None or 0 <= totals.gpu_util_mean_pct <= 100
+    assert totals.gpu.util_mean_pct is None or 0 <= totals.gpu.util_mean_pct <= 100
     assert sampler.overhead_pct < 25  # loose: CI machines are noisy; typically < 2
     assert not any(t.name == "formatlab-sampler" for t in threading.enumerate())
     assert set(totals.columns()) == {"peak_ram_bytes", "peak_ram_anon_bytes",
@@ -110,7 +110,7 @@ def _read_and_hold(path: str, done: mp.synchronize.Event, stop: mp.synchronize.E
     stop.wait(30)  # stay alive: a live worker's reads must count, not only reaped ones
 
 
-@pytest.mark.skipif(telemetry.disk_read_bytes() is None, reason="/proc/<pid>/io unreadable")
+@pytest.mark.skipif(probes.disk_read_bytes() is None, reason="/proc/<pid>/io unreadable")
 def test_disk_read_bytes_of_a_child(tmp_path: Path, ctx: mp.context.SpawnContext) -> None:
     """A child (like a DataLoader worker) reads an evicted file: the tree's storage reads
     cover it while it is alive; read again while cached, nothing comes from storage."""
@@ -119,7 +119,7 @@ def test_disk_read_bytes_of_a_child(tmp_path: Path, ctx: mp.context.SpawnContext
     with Sampler(interval_s=0.1) as sampler:
         for expect_cold in (True, False):
             if expect_cold:
-                assert telemetry.evict_page_cache([f]).complete
+                assert machine.evict_page_cache([f]).complete
             sampler.mark()
             done, stop = ctx.Event(), ctx.Event()
             child = ctx.Process(target=_read_and_hold, args=(str(f), done, stop))
@@ -167,13 +167,13 @@ def test_shared_mapping_counts_once(tmp_path: Path, ctx: mp.context.SpawnContext
             stop.set()
             for child in children:
                 child.join(10)
-    if during.memory_kind != "pss":
+    if during.memory.kind != "pss":
         pytest.skip("PSS unreadable here: RSS counts shared pages per process")
-    assert during.peak_ram_file_bytes is not None and base.peak_ram_file_bytes is not None
-    mapped = during.peak_ram_file_bytes - base.peak_ram_file_bytes
+    assert during.memory.peak_file_bytes is not None and base.memory.peak_file_bytes is not None
+    mapped = during.memory.peak_file_bytes - base.memory.peak_file_bytes
     # Once: ~64 MiB (plus the two interpreters' own libraries); twice would be 128 MiB.
     assert 60 * MB <= mapped < 100 * MB, mapped / MB
-    assert during.peak_ram_anon_bytes - base.peak_ram_anon_bytes < 64 * MB
+    assert during.memory.peak_anon_bytes - base.memory.peak_anon_bytes < 64 * MB
 
 
 def _budget_on_one_core(out: mp.queues.Queue) -> None:
@@ -215,32 +215,32 @@ def test_evict_page_cache(tmp_path: Path) -> None:
     f.write_bytes(b"x" * 4096)
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.bin").write_bytes(b"y")
-    assert telemetry.evict_page_cache([f]).files == 1
-    assert telemetry.evict_page_cache([tmp_path]).files == 2
-    assert telemetry.evict_page_cache([tmp_path / "missing"]).files == 0
-    assert telemetry.page_cache_fits(1)
-    assert not telemetry.page_cache_fits(1 << 62)
+    assert machine.evict_page_cache([f]).files == 1
+    assert machine.evict_page_cache([tmp_path]).files == 2
+    assert machine.evict_page_cache([tmp_path / "missing"]).files == 0
+    assert machine.page_cache_fits(1)
+    assert not machine.page_cache_fits(1 << 62)
 
 
 def test_hardware_and_versions(tmp_path: Path) -> None:
-    info = telemetry.hardware_info(tmp_path / "not-yet")
+    info = machine.hardware_info(tmp_path / "not-yet")
     assert {"cpu_model", "cpu_logical_cores", "cpu_physical_cores", "ram_total_bytes", "gpus",
             "gpu_driver", "cuda_driver_version", "cuda_runtime_version", "cache_fs"} <= set(info)
     assert info["ram_total_bytes"] > 0 and info["cpu_logical_cores"] >= 1
     assert set(info["cache_fs"]) == {"path", "fstype", "device", "mount_point", "st_dev"}
     assert info["cache_fs"]["path"] == str(tmp_path.resolve())
-    versions = telemetry.versions_info()
+    versions = machine.versions_info()
     assert versions["torch"] and versions["numpy"] and versions["python"]
-    name = telemetry.gpu_name()
+    name = nvml.gpu_name()
     assert name is None or isinstance(name, str)
 
 
 def test_hardware_id_is_stable_and_ignores_volatile_fields(tmp_path: Path) -> None:
-    info = telemetry.hardware_info(tmp_path)
-    hid = telemetry.hardware_id(info)
-    assert len(hid) == 12 and hid == telemetry.hardware_id(telemetry.hardware_info(tmp_path))
+    info = machine.hardware_info(tmp_path)
+    hid = machine.hardware_id(info)
+    assert len(hid) == 12 and hid == machine.hardware_id(machine.hardware_info(tmp_path))
     moved = {**info, "kernel": "other", "gpu_driver": "999",
              "cache_fs": {**info["cache_fs"], "path": "/elsewhere", "st_dev": "9:9"}}
-    assert telemetry.hardware_id(moved) == hid
-    assert telemetry.hardware_id({**info, "ram_total_bytes": 1}) != hid
-    assert telemetry.hardware_id({**info, "gpus": [{"name": "H100"}]}) != hid
+    assert machine.hardware_id(moved) == hid
+    assert machine.hardware_id({**info, "ram_total_bytes": 1}) != hid
+    assert machine.hardware_id({**info, "gpus": [{"name": "H100"}]}) != hid

@@ -11,21 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from node.bench import Bencher
+from node.bench import bench_step
+from node.evaluation import EvalResult, evaluate, metrics_from_confusion
 from node.loaders.base import Batch, epoch_batches
+from node.models import MODELS, Preprocess, build_model, build_optimizer
+from node.steps import epoch_is_cold, wait_percentiles
 from node.telemetry import Sampler
-from node.train import (
-    MODELS,
-    EvalResult,
-    Preprocess,
-    Trainer,
-    build_model,
-    build_optimizer,
-    epoch_is_cold,
-    evaluate,
-    metrics_from_confusion,
-    wait_percentiles,
-)
+from node.train import Trainer, TrainStep
 from shared.results import EPOCHS, RUNS
 
 EPOCH_COLUMNS = set(EPOCHS.names) - {"run_id", "schema_version"}
@@ -102,9 +94,9 @@ def test_optimizers() -> None:
 
 
 def test_same_seed_same_init() -> None:
-    a = Trainer.build(model="convnet", num_classes=3, image_size=32, device="cpu", seed=5)
-    b = Trainer.build(model="convnet", num_classes=3, image_size=32, device="cpu", seed=5)
-    c = Trainer.build(model="convnet", num_classes=3, image_size=32, device="cpu", seed=6)
+    a = TrainStep.build(model="convnet", num_classes=3, image_size=32, device="cpu", seed=5)
+    b = TrainStep.build(model="convnet", num_classes=3, image_size=32, device="cpu", seed=5)
+    c = TrainStep.build(model="convnet", num_classes=3, image_size=32, device="cpu", seed=6)
     sa, sb, sc = (t.model.state_dict() for t in (a, b, c))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
@@ -201,8 +193,8 @@ def test_metrics_all_wrong_has_no_nan() -> None:
 
 def test_tiny_training_run_learns() -> None:
     train, val = BrightnessLoader(256, seed=0), BrightnessLoader(64, seed=1)
-    trainer = Trainer.build(model="convnet", num_classes=2, image_size=16, device="cpu",
-                            seed=0, lr=0.05)
+    trainer = Trainer(TrainStep.build(model="convnet", num_classes=2, image_size=16,
+                                      device="cpu", seed=0, lr=0.05), device="cpu")
     seen: list[int] = []
     with Sampler() as sampler:
         trainer.sampler = sampler
@@ -232,10 +224,12 @@ def test_max_steps_and_cold_unverified(capsys: pytest.CaptureFixture[str]) -> No
     # 64x64 images: the 2 steps consume 768 KiB, so stray reads (a first import) cannot
     # pass for the epoch's data. A first fit pages in the code a first step runs (torch's
     # kernels, read from disk on a fresh machine, count as this process's reads).
-    Trainer.build(model="convnet", num_classes=2, image_size=64, device="cpu", seed=0,
-                  max_steps=2, optimizer="rmsprop").fit(BrightnessLoader(256, size=64), 2)
-    trainer = Trainer.build(model="convnet", num_classes=2, image_size=64, device="cpu",
-                            seed=0, max_steps=2, cold=True, optimizer="rmsprop")
+    def step() -> TrainStep:
+        return TrainStep.build(model="convnet", num_classes=2, image_size=64, device="cpu",
+                               seed=0, optimizer="rmsprop")
+
+    Trainer(step(), device="cpu", max_steps=2).fit(BrightnessLoader(256, size=64), 2)
+    trainer = Trainer(step(), device="cpu", max_steps=2, cold=True)
     result = trainer.fit(BrightnessLoader(256, size=64), 2)
     assert [r["steps"] for r in result.epochs] == [2, 2]
     assert [r["samples"] for r in result.epochs] == [64, 64]
@@ -275,7 +269,7 @@ class StagedLoader(BrightnessLoader):
 
 def test_stage_times_and_wait_percentiles() -> None:
     for missing in (False, True):
-        bencher = Bencher(device="cpu")
+        bencher = Trainer(bench_step(), device="cpu")
         loader = StagedLoader(64, batch_size=16, missing=missing)  # 4 steps
         result = bencher.fit(loader, 2)
         for row in result.epochs:
