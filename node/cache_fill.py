@@ -8,8 +8,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from node.cache import CacheStats, ShardCache, ShardRange, assign, remote_slices, val_split
-from node.checks import format_not_in_dataset, open_dataset
+from node.cache import (CacheStats, ShardCache, ShardRange, assign, format_entry, remote_slices,
+                        val_split)
+from node.checks import open_dataset
 from node.config import resolve_rank
 from node.errors import UsageError
 from node.loaders.base import ShardSlice
@@ -98,8 +99,7 @@ def cache_for_rank(*, store: str, dataset: str, format_id: str, cache: str,
     """``node-agent cache``: fill the cache for this rank and print what was fetched."""
     rank, world_size = resolve_rank(rank, world_size)
     st, manifest = open_dataset(store, dataset, storage_options)
-    if format_id not in manifest.format_ids:
-        raise UsageError(format_not_in_dataset(format_id, manifest))
+    format_entry(manifest, format_id)
     shards = rank_shards(manifest, format_id, rank, world_size)
     filled = fill_cache(st, manifest, shards, cache, progress=True)
     s = filled.stats

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from node.cache import format_entry
 from node.config import DataOptions
 from node.errors import UsageError
 
@@ -39,16 +40,6 @@ def dataset_not_found(store: Any, dataset: str) -> str:
     return f"dataset {dataset!r} not found in {url} (no manifest.json); {holds}"
 
 
-def format_not_in_dataset(format_id: str, manifest: Any) -> str:
-    """The one-line error for a format the dataset lacks, listing the ones it has."""
-    has = f"dataset {manifest.name!r} has: {', '.join(manifest.format_ids)}"
-    if format_id == "all":
-        return (f"--format takes one format id, not 'all' (`node-agent matrix --formats all` "
-                f"runs every one); {has}")
-    return f"format {format_id!r} is not in dataset {manifest.name!r}; it has: " \
-        f"{', '.join(manifest.format_ids)}"
-
-
 def loader_spec(name: str) -> Any:
     """The loader's registry entry; an unknown name is a usage error listing the valid ones."""
     from node.loaders import UnknownLoader, get_spec
@@ -63,8 +54,7 @@ def preflight(data: DataOptions, loader: str) -> None:
     """The usage checks that need no torch: the dataset, the format, the loader's name
     and its quick availability check; :func:`node.plan.resolve` repeats them in full."""
     _, manifest = open_dataset(data.store, data.dataset, data.storage_options)
-    if data.format_id not in manifest.format_ids:
-        raise UsageError(format_not_in_dataset(data.format_id, manifest))
+    format_entry(manifest, data.format_id)
     reason = loader_spec(loader).quick_reason()
     if reason:
         raise UsageError(f"loader {loader!r} cannot run here: {reason}")

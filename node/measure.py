@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from node.checks import format_not_in_dataset, loader_spec, open_dataset, preflight
+from node.cache import dataset_format
+from node.checks import loader_spec, open_dataset, preflight
 from node.config import MatrixConfig, RunConfig
 from node.errors import RunFailed, UsageError
 
@@ -63,20 +64,17 @@ def matrix_pairs(loader_list: str, format_list: str, manifest: Any) -> list[tupl
         UsageError: an unknown name, or nothing to run (naming why).
     """
     from node.loaders import LOADERS
-    from shared.formats import get_format
 
     loaders = list(LOADERS) if loader_list == "all" else _split(loader_list)
     formats = list(manifest.format_ids) if format_list == "all" else _split(format_list)
     for name in loaders:
         loader_spec(name)
-    for fid in formats:
-        if fid not in manifest.format_ids:
-            raise UsageError(format_not_in_dataset(fid, manifest))
+    dataset_formats = {fid: dataset_format(manifest, fid) for fid in formats}
     pairs, skipped = [], []
     for name in loaders:
         cls = LOADERS[name]
         reason = cls.unavailable_reason()
-        fitting = [f for f in formats if cls.supports(get_format(f))]
+        fitting = [f for f in formats if cls.supports(dataset_formats[f])]
         if reason:
             skipped.append(f"{name}: {reason}")
         elif not fitting:

@@ -16,10 +16,11 @@ from typing import Any
 import torch
 
 from node.cache_fill import RankShards, rank_shards
-from node.checks import format_not_in_dataset, open_dataset
+from node.cache import dataset_format
+from node.checks import loader_spec, open_dataset
 from node.config import RunConfig
 from node.errors import UsageError
-from shared.formats import Format, UnknownFormat, get_format
+from shared.formats import Format
 from shared.manifest import Manifest
 from shared.storage import StorageError, Store
 
@@ -71,18 +72,10 @@ def resolve(config: RunConfig) -> RunPlan:
 def check_pair(loader_name: str, format_id: str, manifest: Manifest,
                no_cache: bool) -> tuple[type, Format]:
     """Validate loader, format and their fit; returns the loader class and format."""
-    from node.loaders import LOADERS, UnknownLoader, get_loader
+    from node.loaders import LOADERS
 
-    try:
-        cls = get_loader(loader_name)
-    except UnknownLoader as exc:
-        raise UsageError(str(exc)) from None
-    if format_id not in manifest.format_ids:
-        raise UsageError(format_not_in_dataset(format_id, manifest))
-    try:
-        fmt = get_format(format_id)
-    except UnknownFormat as exc:
-        raise UsageError(str(exc)) from None
+    cls = loader_spec(loader_name).load()
+    fmt = dataset_format(manifest, format_id)
     if not cls.supports(fmt):
         fits = [n for n, c in LOADERS.items() if c.supports(fmt)]
         raise UsageError(f"loader {loader_name!r} cannot read format {format_id!r} "

@@ -136,7 +136,7 @@ class _SpecFormatsHelp:
     """``Loader.formats_help``: what the loader's registry entry says it reads."""
 
     def __get__(self, obj: object, owner: type[Loader]) -> str:
-        from node.loaders import LOADER_SPECS
+        from node.loaders.registry import LOADER_SPECS
 
         name = getattr(owner, "name", None)
         return LOADER_SPECS[name].formats_help if name in LOADER_SPECS else ""
@@ -170,7 +170,7 @@ class Loader(abc.ABC):
     @classmethod
     def supports(cls, fmt: Format) -> bool:
         """Whether this loader can read ``fmt`` (its registry entry says)."""
-        from node.loaders import get_spec
+        from node.loaders.registry import get_spec
 
         return get_spec(cls.name).supports(fmt)
 

@@ -18,7 +18,7 @@ own generator, so each epoch builds a pipeline whose reader lists the files in t
 epoch's order with ``random_shuffle=False``, ``pad_last_batch=True`` and DALI's
 iterator trims the padding (``LastBatchPolicy.PARTIAL``, ``reader_name="Reader"``).
 Building costs a fraction of a second per epoch and lands in its first batch's data
-wait. The split between ranks is done once for every loader, by the runner's shard
+wait. The split between ranks is done once for every loader, by the run plan's shard
 assignment (:class:`~node.loaders.base.ShardSlice`); passing ``shard_id=rank,
 num_shards=world_size`` to DALI as well would split the rank's samples a second time,
 so the reader runs with ``shard_id=0, num_shards=1`` over the rank's own list.
