@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> Manifest:
         for folder in (name, f"{name}/{PENDING_DIR}",
                        *{f"{name}/{REJECTS_DIR}/{p.split}" for p in plans}):
             dst.sweep_temp(folder)  # what killed writes of earlier attempts left behind
-        quality = measure_quality(source, plans, formats, size)
+        quality = _quality(source, plans, formats, size, results, console)
         if args.results:
             rows = _conversion_rows(manifest, results, wall, workers, formats, quality)
             _hold_conversions(dst, name, rows, console)
@@ -202,6 +202,16 @@ def _warn_recorded_secret(text: str | None, options: dict, console: Any) -> None
         console.print("convert: warning: Ray has recorded this job's entrypoint, secrets in "
                       "--storage-options included (job info, driver log); pass "
                       f"--storage-options @file.json or set {STORAGE_OPTIONS_ENV} instead")
+
+
+def _quality(source: Any, plans: Sequence[ShardPlan], formats: list, size: int,
+             results: list[ShardResult], console: Any) -> dict | None:
+    """PSNR/SSIM of the lossy formats, measured only when this job converted shards
+    (it decodes every sampled image); None when it converted nothing."""
+    if not any(r.encode_time_s for r in results):
+        console.print("[dim]quality: nothing converted, not measured[/dim]")
+        return None
+    return measure_quality(source, plans, formats, size)
 
 
 def _run_tasks(executor: Any, plans: Sequence[ShardPlan], source: Any,
@@ -313,7 +323,8 @@ def _report(console: Any, manifest: Manifest, results: list[ShardResult], wall: 
         table.add_row(f.id, f"{samples:,}", f"{f.total_bytes:,}",
                       f"{f.total_bytes / max(samples, 1):,.0f}",
                       f"{f.total_bytes / max(raw, 1):.3f}", f"{f.conversion_time_s:.2f}",
-                      *quality_cells((quality or {}).get((f.id, "train"))))
+                      *(quality_cells(quality.get((f.id, "train"))) if quality is not None
+                        else ("-", "-")))
     stdout_console().print(table)  # the result on stdout, messages on stderr
     for reject in manifest.rejects[:20]:
         console.print(f"[yellow]rejected[/yellow] {reject.key}: {reject.reason}")

@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -597,6 +598,24 @@ def test_conversion_figures_per_format(cifar: datagen.GeneratedCifar, tmp_path: 
     assert code == 0 and "nothing converted, no rows written" in flat(output)
     assert len(list((results / "conversions").glob("*.parquet"))) == 2
 
+
+def test_rerun_that_converts_nothing_does_not_measure_quality(
+        cifar: datagen.GeneratedCifar, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Quality decodes every sampled image: only a job that converted shards measures it."""
+    argv = cifar_args(cifar.path, tmp_path / "store", "jpeg-q75,png")
+    code, first = convert(argv, capsys)
+    assert code == 0, first
+    row = next(line for line in first.splitlines() if "jpeg-q75" in line)
+    psnr_cell = re.search(r"\b(\d+\.\d)\b\s*\S\s*0\.\d{4}", row)
+    assert psnr_cell, row  # PSNR and SSIM measured on the first run
+    assert "not measured" not in first
+
+    code, again = convert(argv, capsys)
+    assert code == 0 and "5 shards (5 already committed)" in flat(again), again
+    assert "quality: nothing converted, not measured" in again
+    row = next(line for line in again.splitlines() if "jpeg-q75" in line)
+    assert not re.search(r"0\.\d{4}", row), row  # no SSIM: nothing was decoded
 
 def test_killed_conversion_resumes_exactly(tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
