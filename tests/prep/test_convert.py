@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from prep import datagen
+from testdata import datagen
 from prep.convert import main
 from prep.sources.image_folder import val_members
 from shared.formats import CATALOG, get_format

@@ -16,7 +16,7 @@ import fsspec
 import numpy as np
 import pytest
 
-from prep import datagen
+from testdata import datagen
 from prep.sources import SOURCES, SourceError, SourceItem, get_source
 from prep.sources.base import Source
 from prep.sources.cifar10 import CifarRef, _Refused, safe_unpickle
