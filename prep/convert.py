@@ -145,12 +145,14 @@ def run(args: argparse.Namespace) -> Manifest:
     _warn_recorded_secret(args.storage_options, options, console)
     formats = parse_format_list(args.formats)
     name = args.name or args.source
-    if args.source == "image-folder" and args.size is None:
-        raise UsageError("--size is required for --source image-folder")
+    source_cls = SOURCES.get(args.source)
+    if source_cls.needs_size() and args.size is None:
+        raise UsageError(f"--size is required for --source {args.source}")
 
     check_outputs(args, options)
-    source_kwargs = {"val_fraction": args.val_fraction} if args.source == "image-folder" else {}
-    source = get_source(args.source, args.src, options, **source_kwargs)
+    given = {"val_fraction": args.val_fraction}  # each source takes those it declares
+    source = get_source(args.source, args.src, options,
+                        **{k: v for k, v in given.items() if k in source_cls.option_names()})
     listing = source.list()
     for note in listing.notes:
         console.print(f"[dim]{note}[/dim]")
@@ -281,6 +283,7 @@ def _manifest(args: argparse.Namespace, name: str, listing: Any, size: int,
         width=size, channels=3, dtype="uint8", resize=resize,
         class_names=tuple(listing.class_names),
         splits=tuple(SplitEntry(s, n) for s, n in sorted(split_counts.items())),
+        val_split=listing.val_split if listing.val_split in split_counts else None,
         seed=args.seed, shard_samples=shard_samples, formats=tuple(format_entries),
         rejects=tuple(rejects), tool_version=tool_version, created_at=utc_now().isoformat())
 

@@ -293,6 +293,7 @@ def test_all_formats_manifest(cifar_all: Converted) -> None:
     assert m.format_ids == CATALOG
     assert {s.name: s.samples for s in m.splits} == {"train": 5 * PER_BATCH, "test": TEST}
     assert m.class_names == datagen.CIFAR_CLASSES
+    assert m.val_split == "test"  # recorded from the source, not guessed by the node
     assert (m.height, m.width, m.channels, m.dtype) == (32, 32, 3, "uint8")
     assert m.source_kind == "cifar10" and m.rejects == () and m.shard_samples == SHARD
     # train 200 -> 64 + 64 + 64 + 8, test 40 -> 40
@@ -368,6 +369,7 @@ def test_tiny_imagenet(tmp_path: Path, as_zip: bool,
     assert code == 0, output
     assert "test split skipped (5 unlabelled images)" in flat(output)
     m = Manifest.load(Store.open(str(store)), "tiny-imagenet")
+    assert m.val_split == "val"
     assert (m.height, m.width) == (64, 64) and m.resize.startswith("native")
     assert m.class_names == gen.class_names
     expected = {"train": {k for k in gen.labels if "/train/" in k},
@@ -415,6 +417,7 @@ def test_image_folder_odd_files(tmp_path: Path, capsys: pytest.CaptureFixture[st
                            capsys)
     assert code == 0, output
     m = Manifest.load(Store.open(str(store)), "image-folder")
+    assert m.val_split == "val"  # recorded: the split the source drew for validation
     assert (m.height, m.width) == (48, 48)
     assert m.class_names == tuple(made["classes"])
 
