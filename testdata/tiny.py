@@ -56,57 +56,72 @@ def make_tiny_imagenet(path: str | os.PathLike[str], *, classes: int = 10,
     """
     rng = np.random.default_rng(seed)
     path = Path(path)
-    wnids_sorted = [f"n{1440000 + 7919 * i:08d}" for i in range(classes)]
-    wnids = [wnids_sorted[i] for i in rng.permutation(classes)]  # the real file is not sorted
-    names = [f"synthetic thing {i}" for i in range(classes)]
-    name_of = dict(builtins.zip(wnids_sorted, names, strict=True))
-    words = ["n00001740\tentity"] + [f"{w}\t{name_of[w]}, thing {w[-4:]}, object" for w in wnids_sorted]
-
-    files: list[tuple[str, bytes]] = [
-        ("wnids.txt", ("\n".join(wnids) + "\n").encode()),
-        ("words.txt", ("\n".join(words) + "\n").encode()),
-    ]
+    wnids, name_of, files = _class_files(classes, rng)
     labels: dict[str, int] = {}
     grayscale: list[str] = []
     top = "tiny-imagenet-200"
-    counter = 0
+    image_bytes = _Images(size, classes, rng)
 
-    def image_bytes(label: int) -> tuple[bytes, bool]:
-        nonlocal counter
-        counter += 1
-        img = render_images(np.array([label]), height=size, width=size, num_classes=classes, rng=rng)[0]
-        gray = counter % 7 == 0
-        pil = Image.fromarray(img).convert("L") if gray else Image.fromarray(img)
-        return _jpeg(pil, quality=85), gray
-
-    for label, wnid in enumerate(wnids):
-        boxes = []
-        for i in range(train_per_class):
-            name = f"{wnid}_{i}.JPEG"
-            rel = f"train/{wnid}/images/{name}"
-            data, gray = image_bytes(label)
-            files.append((rel, data))
-            labels[f"{top}/{rel}"] = label
-            if gray:
-                grayscale.append(f"{top}/{rel}")
-            boxes.append(f"{name}\t{size // 8}\t{size // 8}\t{size - size // 8}\t{size - size // 8}")
-        files.append((f"train/{wnid}/{wnid}_boxes.txt", ("\n".join(boxes) + "\n").encode()))
-    val_labels = rng.permutation(np.repeat(np.arange(classes), val_per_class))
-    annotations = []
-    for j, label in enumerate(val_labels.tolist()):
-        rel = f"val/images/val_{j}.JPEG"
+    def add(rel: str, label: int) -> None:
         data, gray = image_bytes(label)
         files.append((rel, data))
         labels[f"{top}/{rel}"] = label
         if gray:
             grayscale.append(f"{top}/{rel}")
+
+    for label, wnid in enumerate(wnids):
+        boxes = []
+        for i in range(train_per_class):
+            name = f"{wnid}_{i}.JPEG"
+            add(f"train/{wnid}/images/{name}", label)
+            boxes.append(f"{name}\t{size // 8}\t{size // 8}\t{size - size // 8}\t{size - size // 8}")
+        files.append((f"train/{wnid}/{wnid}_boxes.txt", ("\n".join(boxes) + "\n").encode()))
+    val_labels = rng.permutation(np.repeat(np.arange(classes), val_per_class))
+    annotations = []
+    for j, label in enumerate(val_labels.tolist()):
+        add(f"val/images/val_{j}.JPEG", label)
         annotations.append(f"val_{j}.JPEG\t{wnids[label]}\t0\t0\t{size - 1}\t{size - 1}")
     files.append(("val/val_annotations.txt", ("\n".join(annotations) + "\n").encode()))
     n_test = classes * val_per_class if test_images is None else test_images
     for k in range(n_test):
         files.append((f"test/images/test_{k}.JPEG", image_bytes(int(rng.integers(classes)))[0]))
 
-    if zip:
+    target = _write(path, top, files, zip)
+    splits = {"train": classes * train_per_class, "val": classes * val_per_class}
+    return GeneratedTiny(target, tuple(wnids), tuple(name_of[w] for w in wnids), labels, splits,
+                         tuple(grayscale), n_test)
+
+
+def _class_files(classes: int, rng: np.random.Generator
+                 ) -> tuple[list[str], dict[str, str], list[tuple[str, bytes]]]:
+    """The wnids (in the unsorted order of the real file), their names, and the two files."""
+    wnids_sorted = [f"n{1440000 + 7919 * i:08d}" for i in range(classes)]
+    wnids = [wnids_sorted[i] for i in rng.permutation(classes)]  # the real file is not sorted
+    names = [f"synthetic thing {i}" for i in range(classes)]
+    name_of = dict(builtins.zip(wnids_sorted, names, strict=True))
+    words = ["n00001740\tentity"] + [f"{w}\t{name_of[w]}, thing {w[-4:]}, object" for w in wnids_sorted]
+    return wnids, name_of, [("wnids.txt", ("\n".join(wnids) + "\n").encode()),
+                            ("words.txt", ("\n".join(words) + "\n").encode())]
+
+
+class _Images:
+    """JPEG bytes of one image of a class; every seventh is grayscale, as in the real set."""
+
+    def __init__(self, size: int, classes: int, rng: np.random.Generator) -> None:
+        self.size, self.classes, self.rng, self.count = size, classes, rng, 0
+
+    def __call__(self, label: int) -> tuple[bytes, bool]:
+        self.count += 1
+        img = render_images(np.array([label]), height=self.size, width=self.size,
+                            num_classes=self.classes, rng=self.rng)[0]
+        gray = self.count % 7 == 0
+        pil = Image.fromarray(img).convert("L") if gray else Image.fromarray(img)
+        return _jpeg(pil, quality=85), gray
+
+
+def _write(path: Path, top: str, files: list[tuple[str, bytes]], as_zip: bool) -> Path:
+    """Write ``files`` under ``top/`` as a folder or as the zip; returns what was written."""
+    if as_zip:
         target = path if path.suffix == ".zip" else path / "tiny-imagenet-200.zip"
         target.parent.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as zf:
@@ -117,14 +132,10 @@ def make_tiny_imagenet(path: str | os.PathLike[str], *, classes: int = 10,
                 zf.writestr(folder, b"")
             for rel, data in files:
                 zf.writestr(f"{top}/{rel}", data)
-    else:
-        target = path / top
-        for rel, data in files:
-            dest = target / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(data)
-    splits = {"train": classes * train_per_class, "val": classes * val_per_class}
-    return GeneratedTiny(target, tuple(wnids), tuple(name_of[w] for w in wnids), labels, splits,
-                         tuple(grayscale), n_test)
-
-
+        return target
+    target = path / top
+    for rel, data in files:
+        dest = target / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+    return target
