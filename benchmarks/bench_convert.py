@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from limits import Check, finish  # noqa: E402 - benchmarks/ is the script's folder
-from prep import datagen  # noqa: E402
+from testdata import datagen  # noqa: E402
 from prep.convert import main as convert_main  # noqa: E402
 from prep.plan import plan_shards  # noqa: E402
 from prep.sources import get_source  # noqa: E402

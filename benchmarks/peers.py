@@ -50,7 +50,7 @@ from limits import Check, finish  # noqa: E402 - benchmarks/ is the script's fol
 from node.loaders.base import Loader, LoaderConfig, ShardSlice  # noqa: E402
 from node.loaders.file import FileLoader  # noqa: E402
 from node.loaders.numpy_mmap import NumpyMmapLoader  # noqa: E402
-from prep.datagen import render_images  # noqa: E402
+from testdata.datagen import render_images  # noqa: E402
 from shared.formats import get_format  # noqa: E402
 from shared.shards import read_index, shard_path, write_shard  # noqa: E402
 from shared.storage import Store  # noqa: E402

@@ -126,24 +126,10 @@ def convert_shard(source: Source, plan: ShardPlan, *, dst_url: str,
                                skipped=True)
 
     t0 = time.perf_counter()
-    keys, images, labels, rejects = [], [], [], []
-    for item, payload in source.load(plan.items):
-        try:
-            if isinstance(payload, BaseException):
-                raise RejectError(f"unreadable: {redact(payload)}")
-            image = prepare_image(payload, size)
-        except RejectError as exc:
-            rejects.append(Reject(key=item.key, reason=str(exc)))
-            continue
-        keys.append(item.key)
-        images.append(image)
-        labels.append(item.label)
+    keys, pixels, label_arr, rejects = _decode(source, plan, size)
     decode_time = time.perf_counter() - t0
     store.write_json(rejects_rel, [asdict(r) for r in rejects])
 
-    pixels = (np.stack(images) if images
-              else np.zeros((0, size, size, 3), dtype=np.uint8))
-    label_arr = np.asarray(labels, dtype=np.int64)
     encode_time: dict[str, float] = {}
     upload_time: dict[str, float] = {}
     for fid in format_ids:
@@ -160,6 +146,25 @@ def convert_shard(source: Source, plan: ShardPlan, *, dst_url: str,
     return ShardResult(plan.split, plan.index, len(keys), entries, rejects,
                        decode_time_s=decode_time, encode_time_s=encode_time,
                        upload_time_s=upload_time)
+
+
+def _decode(source: Source, plan: ShardPlan, size: int
+            ) -> tuple[list[str], np.ndarray, np.ndarray, list[Reject]]:
+    """The shard's images decoded and resized: keys, pixels, labels, and the rejects."""
+    keys, images, labels, rejects = [], [], [], []
+    for item, payload in source.load(plan.items):
+        try:
+            if isinstance(payload, BaseException):
+                raise RejectError(f"unreadable: {redact(payload)}")
+            image = prepare_image(payload, size)
+        except RejectError as exc:
+            rejects.append(Reject(key=item.key, reason=str(exc)))
+            continue
+        keys.append(item.key)
+        images.append(image)
+        labels.append(item.label)
+    pixels = np.stack(images) if images else np.zeros((0, size, size, 3), dtype=np.uint8)
+    return keys, pixels, np.asarray(labels, dtype=np.int64), rejects
 
 
 def _read_rejects(store: Store, rel: str) -> list[Reject] | None:

@@ -28,7 +28,7 @@ else
   SRC="$OUT/data/cifar-10-python.tar.gz"
   if [[ ! -f "$SRC" ]]; then
     echo "demo: no DATA= given; generating a small synthetic dataset in the CIFAR-10 python archive format ($TRAIN train, $TEST test images): $SRC"
-    python -m prep.datagen cifar10 --out "$SRC" --train "$TRAIN" --test "$TEST"
+    python -m testdata.datagen cifar10 --out "$SRC" --train "$TRAIN" --test "$TEST"
   else
     echo "demo: reusing the generated CIFAR-10-format archive $SRC"
   fi

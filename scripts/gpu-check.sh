@@ -180,9 +180,9 @@ log "generating data and converting it to npy, npy-files, jpeg-q95 (no Ray: --ad
 (( PLAN )) || { rm -rf "$WORK"; mkdir -p "$WORK/raw"; }
 STORE=$WORK/store; CACHE=$WORK/cache; RESULTS=$WORK/results
 DATA_OK=1
-step datagen-cifar 40 "$PY" -m prep.datagen cifar10 --out "$WORK/raw/cifar-10-python.tar.gz" \
+step datagen-cifar 40 "$PY" -m testdata.datagen cifar10 --out "$WORK/raw/cifar-10-python.tar.gz" \
     --train "$CIFAR_TRAIN" --test "$CIFAR_TEST" >>"$LOG" 2>&1; (( STEP_RC )) && DATA_OK=0
-step datagen-photos 40 "$PY" -m prep.datagen image-folder --out "$WORK/raw/photos" --classes 4 \
+step datagen-photos 40 "$PY" -m testdata.datagen image-folder --out "$WORK/raw/photos" --classes 4 \
     --train "$PHOTOS_PER_CLASS" --size 640x560 --no-odd-files >>"$LOG" 2>&1; (( STEP_RC )) && DATA_OK=0
 step convert-cifar 60 "$PY" prep/convert.py --source cifar10 \
     --src "$WORK/raw/cifar-10-python.tar.gz" --dst "$STORE" --name cifar \

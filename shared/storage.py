@@ -4,7 +4,9 @@ A :class:`Store` is a root URL (a local or NFS path, ``s3://bucket/prefix``,
 ``memory://...``) plus an fsspec filesystem. Paths inside a store are always
 relative, POSIX-style, and checked to stay inside the root. Credentials come from
 ``--storage-options`` JSON or the standard AWS environment (as s3fs reads it) and
-are redacted from anything this project logs, stores or raises.
+are redacted from anything this project logs, stores or raises
+(:mod:`shared.redaction`; the options themselves: :mod:`shared.storage_options`, both
+re-exported here).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import json
 import os
 import posixpath
 import re
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,21 +31,15 @@ from shared import fetch
 from shared.fetch import (CHECKSUM_ALGO, FetchItem, checksum_bytes,  # noqa: F401
                           checksum_file, checksum_stream)
 from shared.killpoint import kill_point, write_point
+# Redaction and storage options live in their own modules; re-exported here.
+from shared.redaction import (one_line, redact, redact_url,  # noqa: F401
+                              register_env_secrets, register_option_secrets, register_secret,
+                              register_url_secrets)
+from shared.storage_options import (STORAGE_OPTIONS_ENV, BadStorageOptions,  # noqa: F401
+                                    has_secrets, parse_storage_options, public_options,
+                                    s3_defaults)
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-# Keys in storage options whose values are secrets.
-_SECRET_OPTION_KEYS = re.compile(r"(secret|token|password|passwd|session|key)$", re.I)
-# Environment variables whose values are secrets.
-_SECRET_ENV = (
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "AWS_ACCESS_KEY_ID",
-    "RAY_AUTH_TOKEN",
-)
-_secrets: set[str] = set()
-_secrets_lock = threading.Lock()
 
 
 class StorageError(Exception):
@@ -53,149 +48,6 @@ class StorageError(Exception):
 
 class PathEscapeError(StorageError):
     """A path read from a manifest or index points outside its root."""
-
-
-class BadStorageOptions(ValueError):
-    """``--storage-options`` is not a JSON object."""
-
-
-# --------------------------------------------------------------------------- secrets
-
-
-def register_secret(value: str | None) -> None:
-    """Remember a secret so :func:`redact` removes it from any text."""
-    if value and len(value) >= 4:
-        with _secrets_lock:
-            _secrets.add(value)
-
-
-def _register_env_secrets() -> None:
-    for name in _SECRET_ENV:
-        register_secret(os.environ.get(name))
-
-
-def _register_option_secrets(options: Mapping[str, Any]) -> None:
-    for key, value in options.items():
-        if isinstance(value, Mapping):
-            _register_option_secrets(value)
-        elif isinstance(value, str) and _SECRET_OPTION_KEYS.search(key):
-            register_secret(value)
-
-
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
-_QUERY_SECRET = re.compile(
-    r"(?P<k>(?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|signature|token|"
-    r"secret|password|access_key|secret_key|key)=)[^&\s\"']+",
-    re.I,
-)
-
-
-def _register_url_secrets(text: str) -> None:
-    """Remember the user-info of URLs in ``text`` (``KEY:SECRET``, ``KEY``, ``SECRET``).
-
-    Libraries quote such a URL's parts without the scheme (``Invalid bucket name
-    "KEY:SECRET@bucket"``), which the URL pattern alone would not catch.
-    """
-    for match in _URL_USERINFO.finditer(text):
-        userinfo = match.group(0)[len(match.group("scheme")):-1]
-        register_secret(userinfo)
-        for part in userinfo.split(":", 1):
-            register_secret(part)
-
-
-def redact(text: Any) -> str:
-    """Return ``text`` as a string with every known credential replaced by ``***``.
-
-    Removes registered secrets (storage options, AWS environment), the user-info
-    part of URLs (``s3://KEY:SECRET@bucket``) and secret-looking query parameters.
-    """
-    _register_env_secrets()
-    out = str(text)
-    _register_url_secrets(out)
-    with _secrets_lock:
-        secrets = sorted(_secrets, key=len, reverse=True)
-    for secret in secrets:
-        out = out.replace(secret, "***")
-    out = _URL_USERINFO.sub(r"\g<scheme>***@", out)
-    return _QUERY_SECRET.sub(r"\g<k>***", out)
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception's message as one line (multi-line library messages joined)."""
-    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
-    return text or type(exc).__name__
-
-
-def redact_url(url: str) -> str:
-    """A URL fit for logs and manifests: no user info, no secrets."""
-    return redact(url)
-
-
-# --------------------------------------------------------------------------- options
-
-
-STORAGE_OPTIONS_ENV = "FORMATLAB_STORAGE_OPTIONS"
-
-
-def parse_storage_options(text: str | None) -> dict[str, Any]:
-    """``--storage-options``: JSON, ``@path.json``, or (when absent) the same taken from
-    ``FORMATLAB_STORAGE_OPTIONS``; the AWS environment is used by s3fs itself.
-
-    A file or the environment keeps secrets out of command lines, which Ray records
-    for a job's entrypoint.
-
-    Raises:
-        BadStorageOptions: not a JSON object, or an unreadable file (no secret shown).
-    """
-    where = "--storage-options"
-    if not text:
-        text, where = os.environ.get(STORAGE_OPTIONS_ENV, ""), STORAGE_OPTIONS_ENV
-    if not text:
-        return {}
-    if text.startswith("@"):
-        where = f"{where} file {text[1:]}"
-        try:
-            text = Path(text[1:]).expanduser().read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise BadStorageOptions(f"{where}: cannot read: {type(exc).__name__}") from None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BadStorageOptions(
-            f"{where} is not valid JSON (line {exc.lineno}, column {exc.colno})") from None
-    if not isinstance(value, dict):
-        raise BadStorageOptions(f"{where} must be a JSON object")
-    _register_option_secrets(value)
-    return value
-
-
-def has_secrets(options: Mapping[str, Any]) -> bool:
-    """True when ``options`` hold a secret-looking key (at any depth)."""
-    return public_options(options) != dict(options)
-
-
-def public_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """``options`` without secret-looking keys (at any depth), safe to hand to Ray."""
-    out: dict[str, Any] = {}
-    for key, value in options.items():
-        if isinstance(value, Mapping):
-            out[key] = public_options(value)
-        elif not (isinstance(value, str) and _SECRET_OPTION_KEYS.search(key)):
-            out[key] = value
-    return out
-
-
-def _s3_defaults(options: dict[str, Any]) -> dict[str, Any]:
-    """Let s3fs pick up ``AWS_ENDPOINT_URL`` as boto does, unless options say otherwise."""
-    opts = dict(options)
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    client_kwargs = dict(opts.get("client_kwargs") or {})
-    if endpoint and "endpoint_url" not in opts and "endpoint_url" not in client_kwargs:
-        opts["endpoint_url"] = endpoint
-    return opts
-
-
-# --------------------------------------------------------------------------- checksums
 
 
 # --------------------------------------------------------------------------- paths
@@ -244,14 +96,14 @@ class Store:
     @classmethod
     def open(cls, url: str, storage_options: Mapping[str, Any] | None = None) -> "Store":
         """Open a store at ``url`` (created on first write)."""
-        _register_env_secrets()
+        register_env_secrets()
         options = dict(storage_options or {})
-        _register_option_secrets(options)
+        register_option_secrets(options)
         url = str(url)
-        _register_url_secrets(url)
+        register_url_secrets(url)
         protocol = url.split("://", 1)[0] if "://" in url else "file"
         if protocol in ("s3", "s3a"):
-            options = _s3_defaults(options)
+            options = s3_defaults(options)
         try:
             fs, root = fsspec.core.url_to_fs(url, **options)
         except (ValueError, ImportError, TypeError) as exc:

@@ -43,7 +43,7 @@ from click.testing import CliRunner
 
 from node.cli import cli
 from prep.convert import PENDING_DIR
-from prep.datagen import make_cifar10_python
+from testdata.datagen import make_cifar10_python
 from shared.manifest import INDEX_FILE, MANIFEST_FILE, Manifest, ManifestError
 from shared.shards import read_index
 from shared.storage import Store, checksum_bytes, checksum_file

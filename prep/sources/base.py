@@ -10,6 +10,7 @@ the fsspec filesystem is opened lazily in whichever process needs it.
 from __future__ import annotations
 
 import abc
+import inspect
 import posixpath
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -54,6 +55,8 @@ class SourceListing:
             32, tiny-imagenet: 64), else None.
         notes: Human-readable remarks for the log and the manifest.
         rejects: ``(key, reason)`` for inputs found unusable while listing.
+        val_split: The split that validates (one of the listed splits), None when the
+            source produced none; prep records it in the manifest.
     """
 
     items: tuple[SourceItem, ...]
@@ -61,12 +64,16 @@ class SourceListing:
     native_size: int | None
     notes: tuple[str, ...] = ()
     rejects: tuple[tuple[str, str], ...] = ()
+    val_split: str | None = None
 
     def __post_init__(self) -> None:
         n = len(self.class_names)
         for item in self.items:
             if not 0 <= item.label < n:
                 raise ValueError(f"item {item.key!r} has label {item.label} outside 0..{n - 1}")
+        if self.val_split is not None and self.val_split not in self.splits:
+            raise ValueError(f"val_split {self.val_split!r} is not one of the splits "
+                             f"{list(self.splits)}")
 
     @property
     def splits(self) -> dict[str, int]:
@@ -87,12 +94,32 @@ Payload = np.ndarray | bytes
 class Source(abc.ABC):
     """A raw dataset at an fsspec URL.
 
+    A source declares what the driver needs to know before listing it, so the driver
+    never branches on a source's name: its registry :attr:`name`, its
+    :attr:`native_size` (None: images vary, ``--size`` is required), the split that
+    usually validates (:attr:`val_split`; the listing says which one it produced) and
+    the options it takes (its constructor's keyword-only parameters,
+    :meth:`option_names`).
+
     Args:
         url: Where the dataset lives (local path, ``s3://...``, ``memory://...``).
         storage_options: fsspec options for that URL (credentials stay out of messages).
     """
 
     name: ClassVar[str]
+    native_size: ClassVar[int | None] = None
+    val_split: ClassVar[str | None] = None
+
+    @classmethod
+    def needs_size(cls) -> bool:
+        """True when the images have no common native size (``--size`` is required)."""
+        return cls.native_size is None
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The options this source takes: its constructor's keyword-only parameters."""
+        return tuple(p.name for p in inspect.signature(cls.__init__).parameters.values()
+                     if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
         self.url = str(url)

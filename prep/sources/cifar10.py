@@ -1,15 +1,13 @@
 """CIFAR-10 in its official python or binary distribution, archived or extracted.
 
 The python distribution is pickled data and therefore untrusted: it is unpickled
-only by :class:`_CifarUnpickler`, which resolves nothing but what NumPy array
+only by :func:`prep.sources.cifar_pickle.safe_unpickle`, which resolves nothing but what NumPy array
 reconstruction needs. A pickle that names anything else is refused before any of it
 is called.
 """
 
 from __future__ import annotations
 
-import io
-import pickle
 import posixpath
 import tarfile
 from collections import defaultdict
@@ -26,6 +24,7 @@ from prep.sources.base import (
     SourceListing,
     join,
 )
+from prep.sources.cifar_pickle import Refused, safe_unpickle
 from shared.storage import StorageError
 
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -70,88 +69,6 @@ def _meta_name(binary: bool) -> str:
 
 def _split_of(batch_file: str) -> str:
     return "test" if batch_file.startswith(TEST_BATCH) else "train"
-
-
-# --------------------------------------------------------------------------- unpickling
-
-
-class _Refused(Exception):
-    """A pickle asked for something outside the allow-list."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
-
-
-def _numpy_attr(path: str, name: str) -> Any:
-    """Resolve ``numpy._core.<path>.<name>`` (NumPy 2) or ``numpy.core...`` (NumPy 1)."""
-    import importlib
-
-    for package in ("numpy._core", "numpy.core"):
-        try:
-            return getattr(importlib.import_module(f"{package}.{path}"), name)
-        except (ImportError, AttributeError):
-            continue
-    raise ImportError(f"numpy has no {path}.{name}")
-
-
-def _plain_dtype(*args: Any) -> np.dtype:
-    """``numpy.dtype`` limited to plain numeric types (no objects, no records)."""
-    dtype = np.dtype(*args)
-    if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biuf":
-        raise _Refused(f"numpy.dtype({dtype.str})")
-    return dtype
-
-
-def _latin1_encode(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-    """``_codecs.encode`` as Python 3 protocol-2 pickles use it: str -> latin-1 bytes, only."""
-    if not isinstance(obj, str) or encoding.replace("-", "").lower() != "latin1" or errors != "strict":
-        raise _Refused("_codecs.encode")
-    return obj.encode("latin-1")
-
-
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    reconstruct = _numpy_attr("multiarray", "_reconstruct")
-    scalar = _numpy_attr("multiarray", "scalar")
-    frombuffer = _numpy_attr("numeric", "_frombuffer")
-    allowed: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): _plain_dtype,
-        # Python 3 writes bytes in protocol-2 pickles as _codecs.encode(str, "latin1").
-        ("_codecs", "encode"): _latin1_encode,
-    }
-    for package in ("numpy.core", "numpy._core"):
-        allowed[(f"{package}.multiarray", "_reconstruct")] = reconstruct
-        allowed[(f"{package}.multiarray", "scalar")] = scalar
-        allowed[(f"{package}.numeric", "_frombuffer")] = frombuffer
-    return allowed
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """Resolves only NumPy array reconstruction; every other global is refused."""
-
-    _allowed: dict[tuple[str, str], Any] | None = None
-
-    def find_class(self, module: str, name: str) -> Any:
-        if _CifarUnpickler._allowed is None:
-            _CifarUnpickler._allowed = _allowed_globals()
-        try:
-            return _CifarUnpickler._allowed[(module, name)]
-        except KeyError:
-            raise _Refused(f"{module}.{name}") from None
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise _Refused("a persistent id")
-
-
-def safe_unpickle(data: bytes) -> Any:
-    """Unpickle untrusted CIFAR-10 data (Python 2 or 3 pickles).
-
-    Raises:
-        _Refused: The pickle references anything beyond NumPy array reconstruction.
-    """
-    # encoding="bytes" keeps Python 2 str as bytes, as the original CIFAR files expect.
-    return _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
 
 
 def _get(d: Mapping[Any, Any], key: str) -> Any:
@@ -227,6 +144,8 @@ class Cifar10Source(Source):
     """
 
     name = "cifar10"
+    native_size = _SIDE
+    val_split = "test"
 
     def list(self) -> SourceListing:
         layout = self._find_layout()
@@ -268,9 +187,10 @@ class Cifar10Source(Source):
         return SourceListing(
             items=tuple(items),
             class_names=class_names,
-            native_size=_SIDE,
+            native_size=self.native_size,
             notes=(f"cifar10: {kind} distribution read from {where}",),
             rejects=tuple(rejects),
+            val_split=self.val_split if any(it.split == self.val_split for it in items) else None,
         )
 
     def load(self, items: Sequence[SourceItem]) -> Iterator[tuple[SourceItem, Payload | Exception]]:
@@ -383,7 +303,7 @@ class Cifar10Source(Source):
     def _unpickle(self, base: str, data: bytes, where: str) -> Any:
         try:
             return safe_unpickle(data)
-        except _Refused as refused:
+        except Refused as refused:
             raise SourceError(
                 f"cifar10: {base} in {where} holds a pickle that references {refused.name}; "
                 "refusing to unpickle it") from None

@@ -17,6 +17,8 @@ from prep.sources.base import (
 from shared.storage import StorageError
 
 SPLIT_NAMES = frozenset({"train", "val", "validation", "test"})
+# Split folders that validate, preferred in this order (a folder's name, any case).
+VAL_FOLDERS = ("val", "validation", "test")
 
 
 def _path_hash(rel: str) -> bytes:
@@ -46,6 +48,12 @@ def val_members(rels: Iterable[str], val_fraction: float, depth: int = 0) -> fro
     return frozenset(chosen)
 
 
+def _validating(splits: Iterable[str]) -> str | None:
+    """The split folder that validates: ``val``, else ``validation``, else ``test``."""
+    by_lower = {s.lower(): s for s in splits}
+    return next((by_lower[v] for v in VAL_FOLDERS if v in by_lower), None)
+
+
 class ImageFolderSource(Source):
     """Class sub-folders of images: ``<class>/<file>`` or ``<split>/<class>/<file>``.
 
@@ -63,6 +71,7 @@ class ImageFolderSource(Source):
     """
 
     name = "image-folder"
+    val_split = "val"  # drawn per class; with split folders, val, validation or test
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None, *,
                  val_fraction: float = 0.1) -> None:
@@ -111,9 +120,10 @@ class ImageFolderSource(Source):
         return SourceListing(
             items=tuple(items),
             class_names=class_names,
-            native_size=None,
+            native_size=self.native_size,
             notes=(note,),
             rejects=tuple(rejects),
+            val_split=_validating(counts) if use_splits else ("val" if "val" in counts else None),
         )
 
     def load(self, items: Sequence[SourceItem]) -> Iterator[tuple[SourceItem, Payload | Exception]]:

@@ -59,6 +59,8 @@ class TinyImageNetSource(Source):
     """
 
     name = "tiny-imagenet"
+    native_size = _NATIVE_SIZE
+    val_split = "val"
 
     def list(self) -> SourceListing:
         layout = self._find_layout()
@@ -115,9 +117,10 @@ class TinyImageNetSource(Source):
         return SourceListing(
             items=tuple(items),
             class_names=class_names,
-            native_size=_NATIVE_SIZE,
+            native_size=self.native_size,
             notes=tuple(notes),
             rejects=tuple(sorted(rejects)),
+            val_split=self.val_split if any(it.split == self.val_split for it in items) else None,
         )
 
     def load(self, items: Sequence[SourceItem]) -> Iterator[tuple[SourceItem, Payload | Exception]]:

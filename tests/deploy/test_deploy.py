@@ -356,19 +356,13 @@ def test_node_agent_command_lines_parse(command: CommandLine) -> None:
 
 @pytest.mark.parametrize("command", _commands("convert"))
 def test_convert_command_lines_parse(command: CommandLine) -> None:
-    from prep.convert import build_parser
+    from prep.config import UsageError, parse_config
 
-    parser = build_parser()
-    err = io.StringIO()
     try:
-        with contextlib.redirect_stderr(err):
-            ns = parser.parse_args(command.args())
-    except SystemExit:
-        pytest.fail(f"{command}\n  rejected: {err.getvalue().strip()}")
-
-    from shared.formats import parse_format_list
-
-    assert parse_format_list(ns.formats)
+        config = parse_config(command.args())
+    except UsageError as exc:
+        pytest.fail(f"{command}\n  rejected: {exc}")
+    assert config.conversion.formats
 
 
 @pytest.mark.parametrize("command", _commands("torchrun"))

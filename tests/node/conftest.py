@@ -69,7 +69,7 @@ def convert(src: Path | str, dst: str, formats: tuple[str, ...], *extra: str) ->
 @pytest.fixture(scope="session")
 def cifar_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CIFAR-10 python archive of 500 train and 100 test learnable images."""
-    from prep.datagen import make_cifar10_python
+    from testdata.datagen import make_cifar10_python
 
     path = tmp_path_factory.mktemp("cifar-src") / "cifar-10-python.tar.gz"
     make_cifar10_python(str(path), train_per_batch=TRAIN // 5, test=TEST)

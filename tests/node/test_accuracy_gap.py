@@ -34,7 +34,7 @@ def _val_accuracy(store: Path, fmt: str, tmp_path: Path) -> float:
 
 def test_low_jpeg_quality_lowers_accuracy_and_high_quality_does_not(
         tmp_path: Path, one_torch_thread: None) -> None:
-    from prep.datagen import make_cifar10_python
+    from testdata.datagen import make_cifar10_python
 
     archive = tmp_path / "cifar-10-python.tar.gz"
     make_cifar10_python(archive, train_per_batch=TRAIN // 5, test=TEST, seed=3)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from prep.convert import main as convert
-from prep.datagen import make_cifar10_python
+from testdata.datagen import make_cifar10_python
 
 
 @pytest.mark.slow

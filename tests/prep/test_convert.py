@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -34,7 +35,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from prep import datagen
+from testdata import datagen
 from prep.convert import main
 from prep.sources.image_folder import val_members
 from shared.formats import CATALOG, get_format
@@ -292,6 +293,7 @@ def test_all_formats_manifest(cifar_all: Converted) -> None:
     assert m.format_ids == CATALOG
     assert {s.name: s.samples for s in m.splits} == {"train": 5 * PER_BATCH, "test": TEST}
     assert m.class_names == datagen.CIFAR_CLASSES
+    assert m.val_split == "test"  # recorded from the source, not guessed by the node
     assert (m.height, m.width, m.channels, m.dtype) == (32, 32, 3, "uint8")
     assert m.source_kind == "cifar10" and m.rejects == () and m.shard_samples == SHARD
     # train 200 -> 64 + 64 + 64 + 8, test 40 -> 40
@@ -367,6 +369,7 @@ def test_tiny_imagenet(tmp_path: Path, as_zip: bool,
     assert code == 0, output
     assert "test split skipped (5 unlabelled images)" in flat(output)
     m = Manifest.load(Store.open(str(store)), "tiny-imagenet")
+    assert m.val_split == "val"
     assert (m.height, m.width) == (64, 64) and m.resize.startswith("native")
     assert m.class_names == gen.class_names
     expected = {"train": {k for k in gen.labels if "/train/" in k},
@@ -414,6 +417,7 @@ def test_image_folder_odd_files(tmp_path: Path, capsys: pytest.CaptureFixture[st
                            capsys)
     assert code == 0, output
     m = Manifest.load(Store.open(str(store)), "image-folder")
+    assert m.val_split == "val"  # recorded: the split the source drew for validation
     assert (m.height, m.width) == (48, 48)
     assert m.class_names == tuple(made["classes"])
 
@@ -597,6 +601,24 @@ def test_conversion_figures_per_format(cifar: datagen.GeneratedCifar, tmp_path: 
     assert code == 0 and "nothing converted, no rows written" in flat(output)
     assert len(list((results / "conversions").glob("*.parquet"))) == 2
 
+
+def test_rerun_that_converts_nothing_does_not_measure_quality(
+        cifar: datagen.GeneratedCifar, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Quality decodes every sampled image: only a job that converted shards measures it."""
+    argv = cifar_args(cifar.path, tmp_path / "store", "jpeg-q75,png")
+    code, first = convert(argv, capsys)
+    assert code == 0, first
+    row = next(line for line in first.splitlines() if "jpeg-q75" in line)
+    psnr_cell = re.search(r"\b(\d+\.\d)\b\s*\S\s*0\.\d{4}", row)
+    assert psnr_cell, row  # PSNR and SSIM measured on the first run
+    assert "not measured" not in first
+
+    code, again = convert(argv, capsys)
+    assert code == 0 and "5 shards (5 already committed)" in flat(again), again
+    assert "quality: nothing converted, not measured" in again
+    row = next(line for line in again.splitlines() if "jpeg-q75" in line)
+    assert not re.search(r"0\.\d{4}", row), row  # no SSIM: nothing was decoded
 
 def test_killed_conversion_resumes_exactly(tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:

@@ -39,8 +39,7 @@ def test_an_output_that_is_a_file_is_refused_before_work(
 
 
 def test_val_fraction_default_shows_in_help(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
-        main(["--help"])
+    assert main(["--help"]) == 0
     assert "for val (default: 0.1)" in " ".join(capsys.readouterr().out.split())
 
 
@@ -110,3 +109,37 @@ def test_conversions_record_quality_of_lossy_formats(tmp_path: Path) -> None:
             assert 0 < expected.ssim < 1 and 30 < expected.psnr_db < 60
     assert rows.loc[("jpeg-q95-444", "train"), "psnr_db"] > rows.loc[("jpeg-q95", "train"),
                                                                       "psnr_db"]
+
+
+def test_command_line_parses_into_one_frozen_config() -> None:
+    import dataclasses
+
+    from prep.config import ConvertConfig, parse_config
+
+    config = parse_config(["--source", "image-folder", "--src", "s3://raw/masks", "--dst", "out",
+                           "--size", "64", "--formats", "png,jpeg-q80", "--val-fraction", "0.25",
+                           "--address", "inline"])
+    assert isinstance(config, ConvertConfig)
+    assert (config.source.kind, config.source.url) == ("image-folder", "s3://raw/masks")
+    assert config.output.name == "image-folder"  # --name defaults to the source kind
+    assert [f.id for f in config.conversion.formats] == ["png", "jpeg-q80"]
+    assert (config.conversion.size, config.conversion.seed, config.address) == (64, 0, "inline")
+    # Each source gets the options it declares, whatever flags were given.
+    assert config.source.options() == {"val_fraction": 0.25}
+    assert dataclasses.replace(config.source, kind="cifar10").options() == {}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.output.dst = "elsewhere"  # type: ignore[misc]
+
+
+def test_choices_and_help_come_from_the_registries(capsys: pytest.CaptureFixture[str]) -> None:
+    from prep.config import UsageError, parse_config
+    from prep.sources import SOURCES
+    from shared.formats import format_id_help
+
+    assert main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert " ".join(format_id_help().split()) in text
+    assert all(name in text for name in SOURCES.names())
+    with pytest.raises(UsageError) as err:
+        parse_config(["--source", "nope", "--src", "x", "--dst", "y"])
+    assert all(repr(name) in str(err.value) for name in SOURCES.names())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prep.datagen import render_images
+from testdata.datagen import render_images
 
 CLASSES, N, SIDE = 10, 1200, 32
 FINE_CYCLES = 13  # the texture's cycles per side at 32 pixels (0.4 per pixel)
@@ -68,3 +68,26 @@ def test_fine_texture_survives_only_good_storage(images: tuple[np.ndarray, np.nd
     stored = batch if quality is None else _jpeg(batch, quality)
     contrast = _texture_contrast(stored, labels)
     assert (contrast > 4.0) if kept else (contrast < 2.0), contrast
+
+
+def test_generators_stay_out_of_the_product_and_their_cli_runs(tmp_path) -> None:
+    """testdata/ is importable from the repository root but not in the installed packages."""
+    import subprocess
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    from setuptools import find_packages
+
+    repo = Path(__file__).resolve().parents[2]
+    find = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = find_packages(str(repo), include=find["packages"]["find"]["include"])
+    assert {"prep", "prep.sources", "node", "shared"} <= set(packages)
+    assert not [p for p in packages if p.split(".")[0] in ("testdata", "tests", "benchmarks")]
+    assert not list((repo / "prep").rglob("datagen.py"))
+    out = tmp_path / "c.tar.gz"
+    proc = subprocess.run([sys.executable, "-m", "testdata.datagen", "cifar10", "--out", str(out),
+                           "--train", "10", "--test", "2"], cwd=repo, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file() and "10 train, 2 test" in proc.stdout

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from prep import datagen
+from testdata import datagen
 from prep.convert import PENDING_DIR
 from shared.manifest import MANIFEST_FILE, Manifest
 from shared.shards import STAGING_DIR

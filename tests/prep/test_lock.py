@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from prep import datagen
+from testdata import datagen
 from shared.lock import LOCK_OBJECT, DatasetBusy, DatasetLock
 from shared.manifest import MANIFEST_FILE, Manifest
 from shared.storage import Store

@@ -16,10 +16,11 @@ import fsspec
 import numpy as np
 import pytest
 
-from prep import datagen
+from testdata import datagen
 from prep.sources import SOURCES, SourceError, SourceItem, get_source
 from prep.sources.base import Source
-from prep.sources.cifar10 import CifarRef, _Refused, safe_unpickle
+from prep.sources.cifar10 import CifarRef
+from prep.sources.cifar_pickle import Refused, safe_unpickle
 from prep.sources.image_folder import val_count, val_members
 from prep.transform import RejectError, prepare_image
 
@@ -168,7 +169,7 @@ def test_cifar10_refuses_booby_trapped_pickle_without_running_it(tmp_path: Path,
     b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00\x8c\x08builtins\x8c\x04exec\x93.",
 ])
 def test_restricted_unpickler_refuses_anything_but_plain_arrays(payload: bytes) -> None:
-    with pytest.raises(_Refused):
+    with pytest.raises(Refused):
         safe_unpickle(payload)
 
 
@@ -334,6 +335,14 @@ def test_image_folder_with_split_folders(tmp_path: Path) -> None:
         assert item.split == item.key.split("/")[0] == made["files"][item.key]["split"]
     assert listing.class_names == tuple(made["classes"])
     assert "split folders used as splits" in listing.notes[0]
+    assert listing.val_split == "val"
+    # Without a val folder, a validation folder validates, else test; train alone: none.
+    shutil.rmtree(made["root"] / "val")
+    assert get_source("image-folder", str(made["root"])).list().val_split == "test"
+    (made["root"] / "test").rename(made["root"] / "Validation")
+    assert get_source("image-folder", str(made["root"])).list().val_split == "Validation"
+    shutil.rmtree(made["root"] / "Validation")
+    assert get_source("image-folder", str(made["root"])).list().val_split is None
 
 
 def test_image_folder_outcomes_through_the_transform(folder: dict) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
-from prep import datagen
+from testdata import datagen
 from prep.transform import RejectError, prepare_image
 
 
