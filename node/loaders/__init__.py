@@ -110,6 +110,7 @@ LOADER_SPECS: dict[str, LoaderSpec] = {s.name: s for s in (
     LoaderSpec("nvjpeg", "node.loaders.nvjpeg:NvjpegLoader", "cuda", "jpeg-*",
                "file bytes read by DataLoader workers, batch-decoded on the GPU "
                "by torchvision.io.decode_jpeg (nvJPEG)"),
+    LoaderSpec("webdataset", "node.loaders.webdataset_loader:WebDatasetLoader", "cpu", "wds-*", "the WebDataset library's own pipeline in DataLoader workers (peers extra)", ("webdataset",)),  # noqa: E501 - one registration line
 )}
 
 
