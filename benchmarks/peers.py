@@ -34,6 +34,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -94,29 +95,55 @@ def bare_gather_epochs(data: Data, args: argparse.Namespace) -> tuple[EpochFn, C
 # --------------------------------------------------------------------------- measuring
 
 
-def measure(label: str, loader: str, fmt: str, make: Make, data: Data,
-            epochs: int) -> Result:
-    """Time ``epochs`` epochs; check each delivers every sample once with its label."""
-    epoch_fn, close = make()
-    times = []
-    started = utc_now()
+class Row(NamedTuple):
+    """One loader to measure: its table label, results names, packages and builder
+    (``workers`` where it runs with other workers than ``--workers``)."""
+
+    label: str
+    loader: str
+    format: str
+    modules: tuple[str, ...]
+    make: Make
+    workers: int | None = None
+
+
+def measure(rows: list[Row], data: Data, epochs: int) -> list[Result]:
+    """Time ``epochs`` epochs of each row, the rows' epochs interleaved (so drift on a
+    shared machine hits both sides of a ratio alike); check each epoch delivers every
+    sample once with its label."""
+    built: list[tuple[Row, EpochFn, Closer]] = []
     try:
+        for row in rows:
+            built.append((row, *row.make()))
+        times: list[list[float]] = [[] for _ in rows]
+        started = [utc_now()] * len(rows)
         for e in range(epochs):
-            ids, labels = [], []
-            t0 = time.perf_counter()
-            for batch_ids, batch_labels, images in epoch_fn(e):
-                ids.append(batch_ids)
-                labels.append(batch_labels)
-                if len(ids) == 1:
-                    _check_images(label, images, len(batch_ids))
-            times.append(time.perf_counter() - t0)
-            _check_epoch(label, e, np.concatenate(ids), np.concatenate(labels), data.labels)
+            for k, (row, epoch_fn, _) in enumerate(built):
+                if e == 0:
+                    started[k] = utc_now()
+                times[k].append(_timed_epoch(row.label, epoch_fn, e, data))
     finally:
-        close()
-    result = Result(loader, fmt, label, times, data.n, started)
-    print(f"  {label:<24} {result.best_epoch_rate:>11,.0f} img/s best epoch  "
-          f"(epochs: {', '.join(f'{t:.2f} s' for t in times)})", flush=True)
-    return result
+        for _, _, close in built:
+            close()
+    results = [Result(row.loader, row.format, row.label, t, data.n, when, row.workers)
+               for row, t, when in zip(rows, times, started, strict=True)]
+    for r in results:
+        print(f"  {r.label:<24} {r.best_epoch_rate:>11,.0f} img/s best epoch  "
+              f"(epochs: {', '.join(f'{t:.2f} s' for t in r.epoch_s)})", flush=True)
+    return results
+
+
+def _timed_epoch(label: str, epoch_fn: EpochFn, epoch: int, data: Data) -> float:
+    ids, labels = [], []
+    t0 = time.perf_counter()
+    for batch_ids, batch_labels, images in epoch_fn(epoch):
+        ids.append(batch_ids)
+        labels.append(batch_labels)
+        if len(ids) == 1:
+            _check_images(label, images, len(batch_ids))
+    seconds = time.perf_counter() - t0
+    _check_epoch(label, epoch, np.concatenate(ids), np.concatenate(labels), data.labels)
+    return seconds
 
 
 def _check_images(name: str, images: torch.Tensor, n: int) -> None:
@@ -153,42 +180,42 @@ def unavailable(modules: tuple[str, ...]) -> str | None:
 # --------------------------------------------------------------------------- the rows
 
 
-def planned(data: Data, args: argparse.Namespace) -> list[tuple[str, str, str, tuple[str, ...],
-                                                                 int, Make]]:
-    """``(label, loader, format, modules needed, epochs, make)`` of every row, in the
-    order measured: each ratio's two sides back to back."""
-    def fl(cls: Callable[[], type], fmt: str) -> Make:
-        return lambda: peers.formatlab_epochs(cls(), fmt, data.shards[fmt], args)
+def planned(data: Data, args: argparse.Namespace) -> list[tuple[int, list[Row]]]:
+    """``(epochs, rows)`` groups in the order measured; a ratio's two sides share a
+    group, their epochs interleaved."""
+    def fl(cls: Callable[[], type], fmt: str, options: argparse.Namespace = args) -> Make:
+        return lambda: peers.formatlab_epochs(cls(), fmt, data.shards[fmt], options)
 
-    gather = max(args.epochs, GATHER_EPOCHS)
-    rows = [
-        ("ImageFolder", "torchvision-imagefolder", "jpeg-q95", ("torchvision",), args.epochs,
-         lambda: peers.image_folder_epochs(data, args)),
-        ("formatlab file", "file", "jpeg-q95", (), args.epochs,
-         fl(lambda: FileLoader, "jpeg-q95")),
-        ("bare NumPy gather", "bare-numpy-gather", "npy", (), gather,
-         lambda: bare_gather_epochs(data, args)),
-        ("formatlab numpy_mmap", "numpy_mmap", "npy", (), gather,
-         fl(lambda: NumpyMmapLoader, "npy")),
-        ("FFCV JPEG", "ffcv", "ffcv-jpeg", ("ffcv",), args.epochs,
-         lambda: peers.ffcv_epochs(data, args, "jpg")),
+    main_thread = argparse.Namespace(**{**vars(args), "workers": 0})
+
+    packed = [Row(f"formatlab {name}", name, PACKED_FORMAT, LOADER_SPECS[name].requires,
+                  fl(lambda n=name: LOADER_SPECS[n].load(), PACKED_FORMAT))
+              for name in ("packed", "webdataset")
+              if PACKED_FORMAT in data.shards and name in LOADER_SPECS]
+    ffcv = ("ffcv",)
+    return [
+        (args.epochs, [Row("ImageFolder", "torchvision-imagefolder", "jpeg-q95",
+                           ("torchvision",), lambda: peers.image_folder_epochs(data, args)),
+                       Row("formatlab file", "file", "jpeg-q95", (),
+                           fl(lambda: FileLoader, "jpeg-q95"))]),
+        (max(args.epochs, GATHER_EPOCHS),
+         [Row("bare NumPy gather", "bare-numpy-gather", "npy", (),
+              lambda: bare_gather_epochs(data, args), 0),
+          Row("numpy_mmap, 0 workers", "numpy_mmap", "npy", (),
+              fl(lambda: NumpyMmapLoader, "npy", main_thread), 0),
+          Row("formatlab numpy_mmap", "numpy_mmap", "npy", (),
+              fl(lambda: NumpyMmapLoader, "npy"))]),
+        (args.epochs, [Row("FFCV JPEG", "ffcv", "ffcv-jpeg", ffcv,
+                           lambda: peers.ffcv_epochs(data, args, "jpg")), *packed]),
+        (args.epochs, [Row("FFCV raw pixels", "ffcv", "ffcv-raw", ffcv,
+                           lambda: peers.ffcv_epochs(data, args, "raw"))]),
+        (args.epochs, [Row("LitData", "litdata", "litdata-jpeg", ("litdata",),
+                           lambda: peers.litdata_epochs(data, args))]),
+        (args.epochs, [Row("WebDataset", "webdataset", "webdataset-tar-jpeg", ("webdataset",),
+                           lambda: peers.webdataset_epochs(data, args))]),
+        (args.epochs, [Row("Mosaic Streaming", "mosaic-streaming", "mds-jpeg", ("streaming",),
+                           lambda: peers.mosaic_epochs(data, args))]),
     ]
-    for name in ("packed", "webdataset"):
-        if PACKED_FORMAT in data.shards and name in LOADER_SPECS:
-            rows.append((f"formatlab {name}", name, PACKED_FORMAT,
-                         LOADER_SPECS[name].requires, args.epochs,
-                         fl(lambda n=name: LOADER_SPECS[n].load(), PACKED_FORMAT)))
-    rows += [
-        ("FFCV raw pixels", "ffcv", "ffcv-raw", ("ffcv",), args.epochs,
-         lambda: peers.ffcv_epochs(data, args, "raw")),
-        ("LitData", "litdata", "litdata-jpeg", ("litdata",), args.epochs,
-         lambda: peers.litdata_epochs(data, args)),
-        ("WebDataset", "webdataset", "webdataset-tar-jpeg", ("webdataset",), args.epochs,
-         lambda: peers.webdataset_epochs(data, args)),
-        ("Mosaic Streaming", "mosaic-streaming", "mds-jpeg", ("streaming",), args.epochs,
-         lambda: peers.mosaic_epochs(data, args)),
-    ]
-    return rows
 
 
 def packed_note() -> str | None:
@@ -225,8 +252,8 @@ def checks(results: dict[str, Result], notes: list[str]) -> list[Check]:
 
     out = [ratio("file (jpeg) vs ImageFolder", "formatlab file", "ImageFolder", TARGET,
                  best=False),
-           ratio("numpy_mmap vs bare NumPy gather (best epoch)", "formatlab numpy_mmap",
-                 "bare NumPy gather", NUMPY_MMAP_VS_GATHER),
+           ratio("numpy_mmap vs bare NumPy gather, one thread each (best epoch)",
+                 "numpy_mmap, 0 workers", "bare NumPy gather", NUMPY_MMAP_VS_GATHER),
            ratio(f"packed ({PACKED_FORMAT}) vs FFCV JPEG, {SIZE} px (best epoch)",
                  "formatlab packed", "FFCV JPEG", PACKED_VS_FFCV)]
     return [c for c in out if c is not None]
@@ -244,13 +271,16 @@ def run(args: argparse.Namespace, root: Path) -> list[Check]:
           flush=True)
     notes = [] if note is None else [f"formatlab packed: skipped: {note}"]
     results: dict[str, Result] = {}
-    for label, loader, fmt, modules, epochs, make in planned(data, args):
-        reason = unavailable(modules)
-        if reason:
-            print(f"  {label:<24} skipped: {reason}", flush=True)
-            notes.append(f"{label}: skipped: {reason}")
-            continue
-        results[label] = measure(label, loader, fmt, make, data, epochs)
+    for epochs, group in planned(data, args):
+        rows = []
+        for row in group:
+            reason = unavailable(row.modules)
+            if reason:
+                print(f"  {row.label:<24} skipped: {reason}", flush=True)
+                notes.append(f"{row.label}: skipped: {reason}")
+            else:
+                rows.append(row)
+        results.update((r.label, r) for r in measure(rows, data, epochs))
     print_table(list(results.values()))
     found = checks(results, notes)
     for line in notes:

@@ -21,6 +21,10 @@ from shared.results import new_id, write_rows
 from shared.storage import Store
 
 
+# Measured for a ratio but no loader a user could pick: printed, not written.
+REFERENCES = frozenset({"bare-numpy-gather"})
+
+
 @dataclass
 class Result:
     """One loader's timed epochs.
@@ -32,6 +36,7 @@ class Result:
         epoch_s: seconds of each epoch.
         samples: samples per epoch.
         started_at: when its first epoch started.
+        workers: its workers where they differ from the run's ``--workers``.
     """
 
     loader: str
@@ -40,6 +45,7 @@ class Result:
     epoch_s: list[float]
     samples: int
     started_at: datetime
+    workers: int | None = None
 
     @property
     def rate(self) -> float:
@@ -77,8 +83,13 @@ def run_rows(results: Sequence[Result], args: argparse.Namespace, size: int,
             "started_at": r.started_at, "finished_at": r.started_at + timedelta(seconds=total),
             "samples_per_epoch": r.samples, "total_time_s": total,
             "mean_epoch_time_s": total / len(r.epoch_s), "throughput_img_s": r.rate,
+            "workers": args.workers if r.workers is None else r.workers,
+            # The timed loop only takes batches: all of an epoch is waiting for data.
+            "emulated_step_ms": 0.0, "mean_epoch_data_time_s": total / len(r.epoch_s),
+            "data_wait_fraction": 1.0, "accelerator_utilization": 0.0,
         }
-        epochs = [{"run_id": run_id, "epoch": e, "epoch_time_s": t, "samples": r.samples,
+        epochs = [{"run_id": run_id, "epoch": e, "epoch_time_s": t, "data_time_s": t,
+                   "compute_time_s": 0.0, "samples": r.samples,
                    "steps": -(-r.samples // args.batch_size), "throughput_img_s": r.samples / t}
                   for e, t in enumerate(r.epoch_s)]
         out.append((row, epochs))
@@ -87,9 +98,10 @@ def run_rows(results: Sequence[Result], args: argparse.Namespace, size: int,
 
 def write_results(url: str, results: Sequence[Result], args: argparse.Namespace, size: int,
                   cache_dir: Path) -> int:
-    """Append every result to the results store at ``url``; returns the runs written."""
+    """Append every loader's result (not the references) to the results store at ``url``;
+    returns the runs written."""
     store = Store.open(url)
-    rows = run_rows(results, args, size, cache_dir)
+    rows = run_rows([r for r in results if r.loader not in REFERENCES], args, size, cache_dir)
     for row, epochs in rows:
         write_rows(store, "epochs", epochs, file_id=row["run_id"])
         write_rows(store, "runs", [row], file_id=row["run_id"])

@@ -148,8 +148,8 @@ class WebDatasetLoader(Loader):
     """WebDataset's pipeline in DataLoader workers over ``wds-*`` tar shards."""
 
     name: ClassVar[str] = "webdataset"
-    summary: ClassVar[str] = ("the WebDataset library's own pipeline (tar streaming, shard "
-                              "and buffer shuffle, PIL decode) in DataLoader workers")
+    summary: ClassVar[str] = ("the WebDataset library's own pipeline in DataLoader workers "
+                              "(peers extra)")
     formats_help: ClassVar[str] = "wds-*"
     io_evidence: ClassVar[str] = ("host: each tar read front to back with POSIX reads by "
                                   "WebDataset in DataLoader workers, decoded on the CPU")
