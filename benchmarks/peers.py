@@ -64,7 +64,7 @@ from shared.results import utc_now  # noqa: E402
 TARGET = 2.0  # file (jpeg) must beat ImageFolder on the same JPEGs by this much
 NUMPY_MMAP_VS_GATHER = 0.9  # numpy_mmap's best epoch against the bare gather's
 PACKED_VS_FFCV = 1.0  # the packed JPEG loader against FFCV's JPEG mode, 32 px
-GATHER_EPOCHS = 5  # raw gathers take milliseconds: more epochs for a steady best
+GATHER_EPOCHS = 20  # raw gathers take milliseconds: more epochs for a steady best
 
 Make = Callable[[], tuple[EpochFn, Closer]]
 
