@@ -128,8 +128,11 @@ def measure(rows: list[Row], data: Data, epochs: int) -> list[Result]:
     results = [Result(row.loader, row.format, row.label, t, data.n, when, row.workers)
                for row, t, when in zip(rows, times, started, strict=True)]
     for r in results:
+        epochs_s = (', '.join(f'{t:.2f} s' for t in r.epoch_s) if len(r.epoch_s) <= 4 else
+                    f"{len(r.epoch_s)}, best {min(r.epoch_s):.3f} s, "
+                    f"mean {sum(r.epoch_s) / len(r.epoch_s):.3f} s")
         print(f"  {r.label:<24} {r.best_epoch_rate:>11,.0f} img/s best epoch  "
-              f"(epochs: {', '.join(f'{t:.2f} s' for t in r.epoch_s)})", flush=True)
+              f"(epochs: {epochs_s})", flush=True)
     return results
 
 
