@@ -18,10 +18,11 @@ short ones are re-cut into full batches at the end of the epoch). ``follows_plan
 False to say so.
 
 Positions: the i-th sample of a shard's tar is index i of its index (the layout keeps
-shard order); its key is checked against the index's. Samples outside the rank's range
-of a shard are read but dropped before decoding. Labels come from the ``.cls`` members,
-as WebDataset's users get them. ``bytes_read`` counts the batch's member bytes (tar
-headers and dropped samples not included).
+shard order); its tar key is checked against the index (its ``member`` column where it
+has one, else its ``key`` column). Samples outside the rank's range of a shard are read
+but dropped before decoding. Labels come from the ``.cls`` members, as WebDataset's users
+get them. ``bytes_read`` counts the batch's image members, as the packed loader does
+(tar headers, ``.cls`` members and dropped samples not included).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -41,6 +43,8 @@ from shared.formats import Format
 from shared.formats.base import is_url
 
 TAR_NAME = "samples.tar"
+INDEX_NAME = "index.parquet"
+LABEL_EXT = "cls"
 SHUFFLE_BUFFER = 5_000  # samples, encoded; WebDataset's examples use 1,000-5,000
 # Member extensions tried for the image, after the format's own (WebDataset's getfirst).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "jp2")
@@ -54,6 +58,14 @@ def image_keys(fmt: Format) -> str:
     return ";".join(dict.fromkeys([e for e in (own, *IMAGE_EXTENSIONS) if e]))
 
 
+def tar_keys(shard_dir: str) -> tuple[str, ...]:
+    """The WebDataset key of each sample of a shard's tar, from the shard's index."""
+    table = pq.read_table(os.path.join(shard_dir, INDEX_NAME))
+    if "member" in table.column_names:  # member names: <key>.<ext>
+        return tuple(m.split(".", 1)[0] for m in table.column("member").to_pylist())
+    return tuple(table.column("key").to_pylist())
+
+
 class _Placer:
     """Gives each sample its rank position (``__pos__``) and member bytes (``__bytes__``),
     or drops it when it lies outside the rank's range of its shard.
@@ -62,8 +74,10 @@ class _Placer:
     index i of its shard.
     """
 
-    def __init__(self, urls: list[str], config: LoaderConfig) -> None:
+    def __init__(self, urls: list[str], keys: list[tuple[str, ...]],
+                 config: LoaderConfig) -> None:
         self.shard_of = {url: k for k, url in enumerate(urls)}
+        self.keys = keys
         self.slices = config.shards
         self.offsets = np.cumsum([0] + [len(s) for s in config.shards]).tolist()
         self.url: str | None = None
@@ -79,14 +93,14 @@ class _Placer:
         if i >= len(s.labels):
             raise ValueError(f"{url}: more samples than the shard's index lists "
                              f"({len(s.labels)})")
-        if s.keys and sample["__key__"] != s.keys[i]:
+        if sample["__key__"] != self.keys[k][i]:
             raise ValueError(f"{url}: sample {i} is {sample['__key__']!r}, the shard's "
-                             f"index says {s.keys[i]!r}")
+                             f"index says {self.keys[k][i]!r}")
         if not s.start <= i < s.stop:
             return None
         sample["__pos__"] = self.offsets[k] + i - s.start
-        sample["__bytes__"] = sum(len(v) for key, v in sample.items()
-                                  if not key.startswith("__") and isinstance(v, bytes))
+        sample["__bytes__"] = sum(len(v) for ext, v in sample.items()
+                                  if not ext.startswith("__") and ext != LABEL_EXT)
         return sample
 
 
@@ -110,9 +124,11 @@ class _Collate:
 class _WdsEpochs(IterableDataset):
     """One epoch of the WebDataset pipeline per ``iter()``, in whichever process runs it."""
 
-    def __init__(self, config: LoaderConfig, urls: list[str], epoch: Any) -> None:
+    def __init__(self, config: LoaderConfig, urls: list[str], keys: list[tuple[str, ...]],
+                 epoch: Any) -> None:
         self.config = config
         self.urls = urls
+        self.tar_keys = keys
         self.epoch = epoch  # a multiprocessing.Value: set before each epoch's iteration
         self.keys = image_keys(config.fmt)
 
@@ -129,12 +145,12 @@ class _WdsEpochs(IterableDataset):
             urls = [urls[k] for k in order]
         pipeline = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None,
                                   workersplitter=wds.split_by_worker, empty_check=False)
-        pipeline = pipeline.map(_Placer(self.urls, c))
+        pipeline = pipeline.map(_Placer(self.urls, self.tar_keys, c))
         if c.shuffle:
             pipeline = pipeline.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER,
                                         rng=random.Random(f"{c.seed}-{epoch}-{worker}"))
         pipeline = (pipeline.decode("rgb8")
-                    .to_tuple(self.keys, "cls", "__pos__", "__bytes__")
+                    .to_tuple(self.keys, LABEL_EXT, "__pos__", "__bytes__")
                     .batched(c.batch_size, partial=True,
                              collation_fn=_Collate(tuple(c.image_shape))))
         yield from pipeline
@@ -165,6 +181,7 @@ class WebDatasetLoader(Loader):
             if not os.path.isfile(path):
                 raise ValueError(f"webdataset: {s.location} has no {TAR_NAME}")
             self.urls.append(path)
+        self._tar_keys = [tar_keys(s.location) for s in config.shards]
         self._epoch = multiprocessing.Value("q", 0)
         self._dataloader: DataLoader[Any] | None = None
 
@@ -185,7 +202,7 @@ class WebDatasetLoader(Loader):
         options: dict[str, Any] = {}
         if c.workers > 0:
             options = {"persistent_workers": True, "worker_init_fn": _init_worker}
-        return DataLoader(_WdsEpochs(c, self.urls, self._epoch), batch_size=None,
+        return DataLoader(_WdsEpochs(c, self.urls, self._tar_keys, self._epoch), batch_size=None,
                           num_workers=max(0, c.workers), pin_memory=c.device.type == "cuda",
                           **options)
 

@@ -9,7 +9,7 @@ with the JPEG q95 codec standing in for the format under its packed id.
 The loader shuffles WebDataset's way (``follows_plan`` False), so instead of the planned
 batches this checks what it does promise: every sample of the rank's ranges once per
 epoch with its pixels and label, full batches but the last, same seed same order,
-epochs in different orders, exact member bytes, no worker left running.
+epochs in different orders, exact image member bytes, no worker left running.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import io
 import multiprocessing
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -82,9 +83,10 @@ def packed_format() -> Format:
 
 
 def write_layout_shard(folder: Path, fmt: Format, keys: list[str], ids: range) -> None:
-    """One shard in the packed layout: the tar, then its index."""
+    """One shard in the packed layout: the tar, then its index (the columns of
+    the packed format's index: key, label, member, offset, bytes, checksum)."""
     folder.mkdir(parents=True)
-    offsets, lengths, sums = [], [], []
+    members, offsets, lengths, sums = [], [], [], []
     with tarfile.open(folder / "samples.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
         for key, i in zip(keys, ids, strict=True):
             data = fmt.encode(image_of(i))  # type: ignore[attr-defined]
@@ -93,12 +95,14 @@ def write_layout_shard(folder: Path, fmt: Format, keys: list[str], ids: range) -
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
                 if name.endswith(".jpg"):
+                    members.append(name)
                     offsets.append(info.offset_data)
                     lengths.append(len(payload))
                     sums.append(checksum_bytes(payload))
-    schema = INDEX_SCHEMA.append(pa.field("offset", pa.int64())).append(
-        pa.field("length", pa.int64())).append(pa.field("checksum", pa.string()))
-    columns = [keys, LABELS[list(ids)], offsets, lengths, sums]
+    schema = pa.schema([*INDEX_SCHEMA, pa.field("member", pa.string()),
+                        pa.field("offset", pa.int64()), pa.field("bytes", pa.int64()),
+                        pa.field("checksum", pa.string())])
+    columns = [keys, LABELS[list(ids)], members, offsets, lengths, sums]
     pq.write_table(pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, schema)],
                                         schema=schema), folder / "index.parquet")
 
@@ -135,16 +139,13 @@ def make_config(root: Path, ranges: tuple[tuple[int, int], ...], workers: int,
     return config, np.concatenate(identities)
 
 
-def member_bytes(config: LoaderConfig) -> int:
-    """The image and label member bytes of the rank's samples."""
+def image_member_bytes(config: LoaderConfig) -> int:
+    """The image member bytes of the rank's samples (what the packed loader counts too)."""
     total = 0
-    with_members = {}
     for s in config.shards:
         with tarfile.open(Path(s.location) / "samples.tar") as tar:
-            for member in tar.getmembers():
-                with_members[(s.location, member.name)] = member.size
-        total += sum(with_members[(s.location, f"{key}.{ext}")]
-                     for key in s.keys[s.start:s.stop] for ext in ("jpg", "cls"))
+            sizes = [m.size for m in tar.getmembers() if not m.name.endswith(".cls")]
+        total += sum(sizes[s.start:s.stop])
     return total
 
 
@@ -165,7 +166,7 @@ def check_epoch(loader: WebDatasetLoader, epoch: int, identities: np.ndarray) ->
         assert b.bytes_read > 0
     order = torch.cat([b.positions for b in batches]).numpy()
     assert np.array_equal(np.sort(order), np.arange(config.num_samples))  # each once
-    assert sum(b.bytes_read for b in batches) == member_bytes(config)
+    assert sum(b.bytes_read for b in batches) == image_member_bytes(config)
     return order
 
 
@@ -199,13 +200,21 @@ def test_another_seed_another_order(root: Path) -> None:
     assert not np.array_equal(*orders)
 
 
-def test_a_key_the_index_does_not_list_is_refused(root: Path) -> None:
-    config, _ = make_config(root, FULL, 0)
-    s = config.shards[1]
-    wrong = ShardSlice(location=s.location, labels=s.labels, files=None, start=s.start,
-                       stop=s.stop, keys=("other", *s.keys[1:]))
-    config = dataclasses.replace(config, shards=(config.shards[0], wrong, config.shards[2]))
-    with pytest.raises(ValueError, match="sample 0 is 'k00041', the shard's index says 'other'"):
+def test_a_key_the_index_does_not_list_is_refused(root: Path, tmp_path: Path) -> None:
+    """The tar's keys are checked against the index (``member`` names where it has them)."""
+    copy_root = tmp_path / "copy"
+    for s in range(SHARDS):
+        rel = shard_path(FORMAT_ID, SPLIT, s)
+        shutil.copytree(root / rel, copy_root / rel)
+    index_path = copy_root / shard_path(FORMAT_ID, SPLIT, 1) / "index.parquet"
+    table = pq.read_table(index_path)
+    name = "member" if "member" in table.column_names else "key"
+    values = table.column(name).to_pylist()
+    values[0] = "other" + ("." + values[0].split(".", 1)[1] if name == "member" else "")
+    table = table.set_column(table.column_names.index(name), name, pa.array(values))
+    pq.write_table(table, index_path)
+    config, _ = make_config(copy_root, FULL, 0)
+    with pytest.raises(ValueError, match="sample 0 is '[^']+', the shard's index says 'other'"):
         list(WebDatasetLoader(config).epoch(0))
 
 
