@@ -153,6 +153,11 @@ LOADER_SPECS.register(LoaderSpec(
     "nvjpeg", "node.loaders.nvjpeg:NvjpegLoader", "cuda", Reads(("files",), ("jpeg",)),
     "file bytes read by DataLoader workers, batch-decoded on the GPU "
     "by torchvision.io.decode_jpeg (nvJPEG)"))
+LOADER_SPECS.register(LoaderSpec(
+    "webdataset", "node.loaders.webdataset_loader:WebDatasetLoader", "cpu",
+    Reads(kinds=("packed",)),
+    "the WebDataset library's own pipeline in DataLoader workers (peers extra)",
+    ("webdataset",)))
 
 
 class _LazyLoaders(Mapping[str, "type[Loader]"]):

@@ -1,6 +1,6 @@
 """Fixtures shared by the node-agent tests: one small converted CIFAR-10 layout dataset.
 
-The dataset is generated in the official python-archive layout (``prep.datagen``) and
+The dataset is generated in the official python-archive layout (``testdata.datagen``) and
 converted in-process (``--address inline``, no Ray) once per session: 500 train and
 100 test images, shards of 200 samples (train: 200 + 200 + 100, so ranks can start and
 stop inside a shard), in the formats the CPU loaders read.

@@ -1,7 +1,7 @@
 """Storage can cost accuracy: the same model, seed and epochs on one generated dataset
 stored losslessly, as high-quality JPEG and as low-quality JPEG.
 
-prep/datagen.py's classes come in pairs that differ only in a fine texture; JPEG q10
+testdata/'s classes come in pairs that differ only in a fine texture; JPEG q10
 quantises it away, so a model trained and validated on q10 can tell only the pair.
 """
 
