@@ -29,14 +29,16 @@ _SETTINGS_TEXT = {
     "gpu_name": "GPU", "device": "device", "model": "model", "world_size": "ranks",
     "batch_size": "batch", "workers": "workers", "epochs": "epochs",
     "steps_per_epoch": "steps/epoch", "image_size": "image size", "val_samples": "val images",
-    "cold": "cold/warm", "emulated_step_ms": "emulated step (ms)", "cpu_budget": "CPU budget",
+    "cold": "cold/warm", "data_access": "data access", "emulated_step_ms": "emulated step (ms)",
+    "cpu_budget": "CPU budget",
     "options": "options", "runs": "runs",
 }
 SETTINGS_LEGEND = (
     "one row per group of comparable runs: runs differing in any of these columns are never "
     "medianed together; steps/epoch = ceil(samples per epoch / batch); val images = the "
     "validation split's size (from the confusion matrix); cold = page cache evicted before "
-    "each epoch (--cold), warm = data in page cache")
+    "each epoch (--cold), warm = data in page cache; data access = cache (read the node's local "
+    "copy) or stream (--no-cache: read straight from the store)")
 DETAIL_LEGEND = (
     "first batch = time to the first batch of the first epoch; wait pNN = percentile of the "
     "per-step wait for the next batch over all steps; read / decode / h2d = per-stage time "

@@ -204,7 +204,7 @@ def _slug(name: Any) -> str:
 
 _TEXT_COLUMNS = frozenset({"io path", "error", "run_id", "host", "mode", "status",
                            "compression / quality", "mixes", "evidence", "RAM kind",
-                           "cold/warm", "hosts", "hardware", "GPU", "device", "model",
+                           "cold/warm", "data access", "hosts", "hardware", "GPU", "device", "model",
                            "VRAM kind"})
 
 
@@ -256,7 +256,8 @@ def report_intro(data: Results) -> list[str]:
         f"{data.conversions['job_id'].nunique()} conversion jobs; generated {now}.", "",
         "Cells are the median over repeated runs of a configuration (dataset, loader, format "
         "and every setting that changes a figure: hardware, GPU, device, model, batch size, "
-        "workers, cold/warm, mode, emulated step, image size; see the settings table), with "
+        "workers, cold/warm, cached or streamed, mode, emulated step, image size; see the "
+        "settings table), with "
         "[min–max] where it ran more than once and the run count in `repeats`. Data wait = "
         "time blocked on the next batch / epoch wall time; accelerator utilisation = compute "
         "/ epoch wall time (MLPerf Storage); on CPU it is the CPU's compute share.", "",

@@ -166,3 +166,28 @@ def test_too_few_repeats_decide_nothing(tmp_path: Path) -> None:
     assert rec["winner"] is None
     text = "\n".join(recommendation_text({"alpha": rec}, load_results(store).conversions))
     assert "**No decided winner**" in text and "fewer than 3 runs each (2 and 2)" in text
+
+
+def test_cached_and_streamed_runs_stay_two_groups(tmp_path: Path) -> None:
+    """``data_access`` splits groups; rows without it say ``--no-cache`` in their config."""
+    store = Store.open(str(tmp_path / "res"))
+    rows = [_row("c0", fmt="wds-png", loader="packed", rate=2_000, data_access="cache"),
+            _row("c1", fmt="wds-png", loader="packed", rate=2_100,
+                 config={"loader": "packed"}),  # older row: no column, no flag -> cache
+            _row("s0", fmt="wds-png", loader="packed", rate=700, data_access="stream"),
+            _row("s1", fmt="wds-png", loader="packed", rate=800,
+                 config={"no_cache": True, "loader": "packed"})]  # older streamed row
+    for row in rows:
+        write_rows(store, "runs", [row], file_id=row["run_id"])
+    summary = summarise(load_results(store).runs, "train").set_index("data_access")
+    assert sorted(summary.index) == ["cache", "stream"]
+    assert summary.loc["cache", "repeats"] == summary.loc["stream", "repeats"] == 2
+    assert summary.loc["cache", "throughput_img_s"] == statistics.median([2_000, 2_100])
+    assert summary.loc["stream", "throughput_img_s"] == statistics.median([700, 800])
+    out = tmp_path / "out"
+    _report(store, out)
+    md = (out / "summary_alpha.md").read_text()
+    assert "| loader | format | data_access | repeats |" in md
+    assert "| packed | wds-png | stream | 2 | 750 [700–800] |" in md
+    settings = pd.read_csv(out / "settings.csv")
+    assert sorted(settings["data_access"]) == ["cache", "stream"]
