@@ -28,7 +28,14 @@ from node.report.tables import (
     summarise,
     summary_tables,
 )
-from node.report.context import DETAIL_LEGEND, SETTINGS_LEGEND, detail_text, settings_text
+from node.report.context import (
+    ACCESS_LEGEND,
+    DETAIL_LEGEND,
+    SETTINGS_LEGEND,
+    access_text,
+    detail_text,
+    settings_text,
+)
 from node.report.units import _bytes, _cells, _missing, level_text
 
 
@@ -81,7 +88,7 @@ def build_tables(results: Results) -> list[TextTable]:
     """Every table of the report, in reading order."""
     runs = results.runs
     return [*_settings_tables(runs), *_summary_tables(runs), *_detail_tables(runs),
-            *_comparison_tables(runs), *_bench_tables(runs),
+            *_access_tables(runs), *_comparison_tables(runs), *_bench_tables(runs),
             *_size_tables(results.conversions), *_failed_tables(runs)]
 
 
@@ -111,6 +118,20 @@ def _detail_tables(runs: pd.DataFrame) -> list[TextTable]:
             f"{dataset}: beside throughput (first batch, batch wait, stages, memory kind, "
             "cold, I/O path)", text, numbers, list(text.columns).index("repeats"),
             terminal=_known_columns(text), legend=DETAIL_LEGEND, terminal_note=_KNOWN_NOTE))
+    return tables
+
+
+def _access_tables(runs: pd.DataFrame) -> list[TextTable]:
+    tables = []
+    for dataset in sorted(summarise(runs)["dataset"].unique()):
+        text, numbers = access_text(runs, dataset)
+        medians = text.map(lambda v: v.split(" [", 1)[0])
+        tables.append(TextTable(
+            f"access_{_slug(dataset)}",
+            f"{dataset}: cache to local disk then train, or stream from the store",
+            text, numbers, list(text.columns).index("repeats"),
+            terminal=_known_columns(medians), legend=ACCESS_LEGEND,
+            terminal_note="medians here; spreads in the Markdown"))
     return tables
 
 
@@ -204,7 +225,7 @@ def _slug(name: Any) -> str:
 
 _TEXT_COLUMNS = frozenset({"io path", "error", "run_id", "host", "mode", "status",
                            "compression / quality", "mixes", "evidence", "RAM kind",
-                           "cold/warm", "data access", "hosts", "hardware", "GPU", "device", "model",
+                           "cold/warm", "data access", "access", "hosts", "hardware", "GPU", "device", "model",
                            "VRAM kind"})
 
 
