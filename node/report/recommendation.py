@@ -14,18 +14,19 @@ from typing import Any
 import pandas as pd
 
 from node.report.groups import varying, with_settings
+from node.report.kinds import is_streamed, kinds_line, option_label
 from node.report.tables import _first, format_bytes, format_size_table, primary_summary
 from node.report.units import _bytes, _fraction, _pct, _rate, _seconds
 
 DATA_BOUND = 0.10  # a loader waited for data longer than this share of the epoch
 MIN_REPEATS = 3    # runs of each side before a difference in speed is called a win
 GPU_LOADERS = ("cupy", "kvikio", "dali", "dali_gds", "nvjpeg")
-PEER_LOADERS = ("webdataset",)
 
 
 _PICK_FIGURES = ("throughput_img_s", "throughput_img_s_min", "throughput_img_s_max",
                  "data_wait_fraction", "accelerator_utilization", "mean_epoch_time_s",
-                 "val_accuracy", "cpu_util_mean_pct")
+                 "val_accuracy", "cpu_util_mean_pct", "cache_time_s", "first_epoch_time_s",
+                 "cache_then_first_s", "best_epoch_time_s")
 
 
 def recommend(runs: pd.DataFrame, conversions: pd.DataFrame,
@@ -78,7 +79,8 @@ def recommend(runs: pd.DataFrame, conversions: pd.DataFrame,
 def _pick(row: pd.Series, sizes: Mapping[tuple[str, str], int]) -> dict[str, Any]:
     pick = {"loader": row["loader"], "format": row["format"], "model": row["model"],
             "world_size": int(row["world_size"]), "repeats": int(row["repeats"]),
-            "io_path": row["io_path"], "dataset": row["dataset"]}
+            "io_path": row["io_path"], "dataset": row["dataset"],
+            "data_access": row["data_access"]}
     for col in _PICK_FIGURES:
         pick[col] = _num(row[col])
     pick["bytes"] = sizes.get((row["dataset"], row["format"]))
@@ -90,8 +92,11 @@ def _num(value: Any) -> float | None:
 
 
 def _cells(primary: pd.DataFrame) -> list[tuple[tuple[str, str], pd.DataFrame]]:
-    """``((dataset, settings label), rows)`` per comparison cell, in dataset order."""
-    keys = varying(primary)
+    """``((dataset, settings label), rows)`` per comparison cell, in dataset order.
+
+    Cached and streamed runs share a cell: they are options to compare, not settings.
+    """
+    keys = [k for k in varying(primary) if k != "data_access"]
     cells = []
     for dataset, part in primary.groupby("dataset", sort=True):
         if not keys:
@@ -141,18 +146,20 @@ def recommendation_text(recs: Mapping[str, Mapping[str, Any]], conversions: pd.D
         if rec["best"] is None:
             lines += ["No successful run recorded a throughput.", ""]
             continue
-        lines += _bottleneck_lines(rec) + _choice_lines(rec) + _budget_lines(rec, sizes)
+        lines += (_bottleneck_lines(rec) + _choice_lines(rec) + _access_lines(rec)
+                  + _budget_lines(rec, sizes))
         if rec["unknown_size"]:
             lines.append(f"- No conversions row (size unknown) for: "
                          f"{', '.join(rec['unknown_size'])}.")
         lines.append("")
     if runs is not None:
-        lines += ["## Not measured", ""] + [f"- {n}" for n in not_measured(runs)] + [""]
+        lines += ["## What was not measured", ""] + [f"- {n}" for n in not_measured(runs)]
+        lines.append("")
     return lines
 
 
 def _name(p: Mapping[str, Any]) -> str:
-    return f"`{p['loader']}` on `{p['format']}`"
+    return f"`{p['loader']}` on `{p['format']}`{option_label(p)}"
 
 
 def _bottleneck_lines(rec: Mapping[str, Any]) -> list[str]:
@@ -214,6 +221,31 @@ def _tradeoff_lines(options: list[Mapping[str, Any]]) -> list[str]:
     return [f"- **Then decide on**: {'; '.join(said)}."] if said else []
 
 
+def _access_lines(rec: Mapping[str, Any]) -> list[str]:
+    """Per (loader, format) measured both cached and streamed: the time to the end of the
+    first epoch each way (cache fill included) and the best epoch each way."""
+    by_pair: dict[tuple[str, str], dict[bool, Mapping[str, Any]]] = {}
+    for o in rec["options"]:
+        by_pair.setdefault((o["loader"], o["format"]), {})[is_streamed(o["data_access"])] = o
+    lines = []
+    for (loader, fmt), ways in sorted(by_pair.items()):
+        if len(ways) < 2:
+            continue
+        cached, streamed = ways[False], ways[True]
+        to_first = (cached["cache_then_first_s"], streamed["first_epoch_time_s"])
+        sooner = ("" if None in to_first else
+                  f": {'streaming' if to_first[1] < to_first[0] else 'caching'} ends the "
+                  "first epoch sooner")
+        lines.append(
+            f"- **Cache or stream** (`{loader}` on `{fmt}`): cache then train "
+            f"{_seconds(cached['cache_time_s'])} fill + "
+            f"{_seconds(cached['first_epoch_time_s'])} first epoch = "
+            f"{_seconds(to_first[0])}, best epoch {_seconds(cached['best_epoch_time_s'])}; "
+            f"stream {_seconds(to_first[1])} first epoch, best epoch "
+            f"{_seconds(streamed['best_epoch_time_s'])}{sooner}.")
+    return lines
+
+
 def _budget_lines(rec: Mapping[str, Any], sizes: pd.DataFrame) -> list[str]:
     budget = rec["max_bytes"]
     if budget is None:
@@ -230,10 +262,11 @@ def _budget_lines(rec: Mapping[str, Any], sizes: pd.DataFrame) -> list[str]:
 
 
 def not_measured(runs: pd.DataFrame) -> list[str]:
-    """What the store's successful runs did not cover, one line each."""
+    """What the store's successful runs did not cover, one line each: first which of
+    packed formats, streaming and peer loaders were measured and which were not
+    (:func:`kinds.kinds_line`), then GPU loaders and cold epochs where not run."""
     ok = runs[runs["status"] == "ok"] if "status" in runs else runs
     loaders = set(ok.get("loader", pd.Series(dtype=object)).dropna())
-    formats = {str(f) for f in ok.get("format", pd.Series(dtype=object)).dropna()}
     devices = {str(d) for d in ok.get("device", pd.Series(dtype=object)).dropna()}
     out = []
     if not loaders & set(GPU_LOADERS):
@@ -241,15 +274,11 @@ def not_measured(runs: pd.DataFrame) -> list[str]:
                    + ("" if any(d.startswith("cuda") for d in devices)
                       else "; no run used a GPU, so accelerator utilisation is the CPU's "
                            "compute share, not a GPU's"))
-    if not (with_settings(ok)["cold"] == "cold").any():
+    settled = with_settings(ok)
+    if not (settled["cold"] == "cold").any():
         out.append("cold epochs (`--cold`): not run; every figure read warm data "
                    "(page cache)")
-    if not any(f.startswith("wds-") for f in formats):
-        out.append("packed formats (wds-*): not run")
-    if not loaders & set(PEER_LOADERS):
-        out.append(f"peer loaders ({', '.join(PEER_LOADERS)}): not run "
-                   "(benchmarks/peers.py compares peers apart)")
-    return out or ["nothing the report knows of: GPU, cold, packed and peer runs all present"]
+    return [kinds_line(settled), *out]
 
 
 def _pair_text(p: Mapping[str, Any]) -> str:
@@ -259,7 +288,8 @@ def _pair_text(p: Mapping[str, Any]) -> str:
     disk = _bytes(p["bytes"]) + " on disk" if p["bytes"] is not None else "size unknown"
     accuracy = (f", accuracy {_fraction(p['val_accuracy'])}"
                 if p["val_accuracy"] is not None else "")
-    return (f"`{p['loader']}` loader on `{p['format']}` — {_rate(p['throughput_img_s'])} img/s "
+    return (f"`{p['loader']}` loader on `{p['format']}`{option_label(p)} — "
+            f"{_rate(p['throughput_img_s'])} img/s "
             f"({spread}{model}{ranks}), data wait {_fraction(p['data_wait_fraction'])}, "
             f"epoch {_seconds(p['mean_epoch_time_s'])}{accuracy}, {disk}, "
             f"io path {p['io_path']}")

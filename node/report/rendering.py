@@ -225,8 +225,8 @@ def _slug(name: Any) -> str:
 
 _TEXT_COLUMNS = frozenset({"io path", "error", "run_id", "host", "mode", "status",
                            "compression / quality", "mixes", "evidence", "RAM kind",
-                           "cold/warm", "data access", "access", "hosts", "hardware", "GPU", "device", "model",
-                           "VRAM kind"})
+                           "cold/warm", "data access", "access", "hosts", "hardware", "GPU",
+                           "device", "model", "VRAM kind"})
 
 
 def to_markdown(df: pd.DataFrame, labels: int = 0) -> str:
