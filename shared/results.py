@@ -195,7 +195,8 @@ def new_id() -> str:
 
 
 def to_table(table: str, rows: Iterable[Mapping[str, Any]]) -> pa.Table:
-    """Build a table in ``table``'s schema; unknown keys are an error, missing are null.
+    """Build a table in ``table``'s schema; unknown keys are an error, missing are null
+    (but ``schema_version``: this one; a run's ``data_access``: from its ``config``).
 
     Raises:
         ValueError: a row has a column the schema does not define.
@@ -211,6 +212,8 @@ def to_table(table: str, rows: Iterable[Mapping[str, Any]]) -> pa.Table:
             value = row.get(name)
             if name == "schema_version" and value is None:
                 value = SCHEMA_VERSION
+            if name == "data_access" and value is None:
+                value = data_access(row.get("config"))
             if name in _STRING_JSON and value is not None and not isinstance(value, str):
                 value = json.dumps(value, sort_keys=True, default=str)
             if name == "error" and value is not None:

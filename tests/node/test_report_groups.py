@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from node.report import load_results, recommend, recommendation_text, report, summarise
-from shared.results import write_rows
+from shared.results import to_table, write_rows
 from shared.storage import Store
 
 SAMPLES = 10_000
@@ -171,14 +172,16 @@ def test_too_few_repeats_decide_nothing(tmp_path: Path) -> None:
 def test_cached_and_streamed_runs_stay_two_groups(tmp_path: Path) -> None:
     """``data_access`` splits groups; rows without it say ``--no-cache`` in their config."""
     store = Store.open(str(tmp_path / "res"))
-    rows = [_row("c0", fmt="wds-png", loader="packed", rate=2_000, data_access="cache"),
-            _row("c1", fmt="wds-png", loader="packed", rate=2_100,
-                 config={"loader": "packed"}),  # older row: no column, no flag -> cache
-            _row("s0", fmt="wds-png", loader="packed", rate=700, data_access="stream"),
-            _row("s1", fmt="wds-png", loader="packed", rate=800,
-                 config={"no_cache": True, "loader": "packed"})]  # older streamed row
-    for row in rows:
+    for row in (_row("c0", fmt="wds-png", loader="packed", rate=2_000, data_access="cache"),
+                _row("s0", fmt="wds-png", loader="packed", rate=700, data_access="stream")):
         write_rows(store, "runs", [row], file_id=row["run_id"])
+    # Files written before the column: the flag is in the config JSON, or absent (cache).
+    for row in (_row("c1", fmt="wds-png", loader="packed", rate=2_100,
+                     config={"loader": "packed"}),
+                _row("s1", fmt="wds-png", loader="packed", rate=800,
+                     config={"no_cache": True, "loader": "packed"})):
+        pq.write_table(to_table("runs", [row]).drop_columns(["data_access"]),
+                       tmp_path / "res" / "runs" / f"{row['run_id']}.parquet")
     summary = summarise(load_results(store).runs, "train").set_index("data_access")
     assert sorted(summary.index) == ["cache", "stream"]
     assert summary.loc["cache", "repeats"] == summary.loc["stream", "repeats"] == 2

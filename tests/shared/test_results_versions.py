@@ -81,3 +81,13 @@ def test_old_and_new_rows_read_together(table: str, tmp_path: Path) -> None:
 def test_data_access_from_config(config: object, expected: str) -> None:
     """Rows from before the column: ``--no-cache`` recorded in the config means stream."""
     assert data_access(config) == expected  # type: ignore[arg-type]
+
+
+def test_a_run_row_without_data_access_takes_it_from_its_config(tmp_path: Path) -> None:
+    store = Store.open(str(tmp_path / "results"))
+    write_rows(store, "runs", [{"run_id": "s", "config": {"no_cache": True}},
+                               {"run_id": "c", "config": {"no_cache": False}},
+                               {"run_id": "x", "config": {"no_cache": True},
+                                "data_access": "cache"}])  # a writer's own value stands
+    frame = read_table(store, "runs").set_index("run_id")
+    assert frame["data_access"].to_dict() == {"s": "stream", "c": "cache", "x": "cache"}
