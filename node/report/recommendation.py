@@ -3,7 +3,10 @@
 A winner is named only where its throughput's spread lies clear of the next option's
 and both ran at least ``MIN_REPEATS`` times; otherwise the options whose spreads overlap
 are listed as equivalent, with what then decides between them: size on disk, CPU cost
-and accuracy. It also says what the store holds no measurement of.
+and accuracy. An option is a loader on a format, cached or streamed; peers' loaders are
+options like formatlab's. Where a pair ran both cached and streamed it puts the cache
+fill plus first epoch beside the streamed first epoch. It also says which of packed
+formats, streaming and peers it measured, and what the store holds no measurement of.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ def recommend(runs: pd.DataFrame, conversions: pd.DataFrame,
 
     A cell is one dataset under one set of settings (``groups.SETTING_KEYS``); it is
     keyed by the dataset's name, with the settings that differ in brackets where a
-    dataset has several cells. Train runs decide; a dataset with only bench runs is
+    dataset has several cells; cached and streamed runs (``data_access``) are options
+    within a cell, not cells apart. Train runs decide; a dataset with only bench runs is
     judged on those. ``best`` is the highest median throughput, named the ``winner``
     only when its min exceeds the next option's max and both ran ``MIN_REPEATS`` times
     (``margin``: its median over the next one's, minus 1); ``equivalent`` lists the
@@ -48,8 +52,9 @@ def recommend(runs: pd.DataFrame, conversions: pd.DataFrame,
         ``{cell: {"dataset", "settings", "mode", "best", "winner", "margin", "runner_up",
         "equivalent", "decided", "data_bound", "options", "max_bytes", "within_budget",
         "unknown_size"}}``; ``best`` / ``winner`` / ``runner_up`` / ``within_budget``
-        are dicts of a pair's figures (``loader``, ``format``, ``model``, ``repeats``,
-        medians of throughput, data wait, CPU, accuracy, ``bytes`` on disk) or None;
+        are dicts of an option's figures (``loader``, ``format``, ``data_access``,
+        ``model``, ``repeats``, medians of throughput, data wait, CPU, accuracy, cache
+        and first / best epoch times, ``bytes`` on disk) or None;
         ``equivalent``, ``data_bound`` and ``options`` are lists of them.
     """
     sizes = format_bytes(conversions)
