@@ -216,8 +216,8 @@ def _pareto_chart(summary: pd.DataFrame, sizes: pd.DataFrame, path: Path) -> Pat
         front = pareto_front(points)
         _scatter_kinds(ax, part, points)
         ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "o-",
-                color="#c0392b", label="Pareto front (no option smaller and faster)",
-                zorder=3)
+                color="#c0392b", mfc="none", ms=10,  # hollow: the point's kind shows inside
+                label="Pareto front (no option smaller and faster)", zorder=3)
         for (x, y), label in zip(points, _labels(part), strict=True):
             ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
         log = spans_decades(pd.Series([p[0] for p in points]))

@@ -158,7 +158,8 @@ def recommendation_text(recs: Mapping[str, Mapping[str, Any]], conversions: pd.D
                          f"{', '.join(rec['unknown_size'])}.")
         lines.append("")
     if runs is not None:
-        lines += ["## What was not measured", ""] + [f"- {n}" for n in not_measured(runs)]
+        lines += ["## What was and was not measured", ""]
+        lines += [f"- {n}" for n in not_measured(runs)]
         lines.append("")
     return lines
 
