@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 
 from shared.storage import Store, redact
 
-SCHEMA_VERSION = 2  # 2: measured cold, memory kinds, CPU budget, wait percentiles, stages
+SCHEMA_VERSION = 3  # 2: measured cold, memory kinds, CPU budget, wait percentiles, stages;
+#                      3: data_access (cached or streamed)
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -90,6 +91,8 @@ RUNS = pa.schema([
     ("batch_wait_p95_s", pa.float64()),
     ("batch_wait_p99_s", pa.float64()),
     ("batch_wait_max_s", pa.float64()),
+    # schema 3: where the loader read from; older rows: derive with data_access(config)
+    ("data_access", pa.string()),        # "cache" (local cache) or "stream" (--no-cache)
 ])
 
 EPOCHS = pa.schema([
@@ -159,6 +162,28 @@ CONVERSIONS = pa.schema([
 TABLES: Mapping[str, pa.Schema] = {"runs": RUNS, "epochs": EPOCHS, "conversions": CONVERSIONS}
 _STRING_JSON = {"versions", "config", "hardware", "confusion_matrix"}
 
+# ``runs.data_access``: the loader read the node's local cache, or streamed from the store.
+CACHE, STREAM = "cache", "stream"
+# ``runs.loader`` values that name a peer (another project's loader measured in the same
+# harness, benchmarks/peers.py), not one of formatlab's own loaders.
+PEER_LOADERS = ("webdataset", "litdata", "mosaic-streaming", "mosaic", "ffcv",
+                "torchvision-imagefolder", "imagefolder")
+
+
+def data_access(config: Mapping[str, Any] | str | None) -> str:
+    """``runs.data_access`` from a run's config (a mapping or the ``config`` column's JSON).
+
+    ``stream`` where the run was started with ``--no-cache`` (``no_cache`` true), else
+    ``cache``: rows from before the flag existed read the local cache.
+    """
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except ValueError:
+            config = None
+    no_cache = config.get("no_cache") if isinstance(config, Mapping) else None
+    return STREAM if no_cache is True else CACHE
+
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
@@ -170,7 +195,8 @@ def new_id() -> str:
 
 
 def to_table(table: str, rows: Iterable[Mapping[str, Any]]) -> pa.Table:
-    """Build a table in ``table``'s schema; unknown keys are an error, missing are null.
+    """Build a table in ``table``'s schema; unknown keys are an error, missing are null
+    (but ``schema_version``: this one; a run's ``data_access``: from its ``config``).
 
     Raises:
         ValueError: a row has a column the schema does not define.
@@ -186,6 +212,8 @@ def to_table(table: str, rows: Iterable[Mapping[str, Any]]) -> pa.Table:
             value = row.get(name)
             if name == "schema_version" and value is None:
                 value = SCHEMA_VERSION
+            if name == "data_access" and value is None:
+                value = data_access(row.get("config"))
             if name in _STRING_JSON and value is not None and not isinstance(value, str):
                 value = json.dumps(value, sort_keys=True, default=str)
             if name == "error" and value is not None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from node.report.kinds import is_peer, is_streamed
 from node.report.tables import _row_levels, format_size_table, primary_summary
 from node.report.units import _missing, _rate
 
@@ -176,6 +177,29 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+# How a point of size_vs_throughput.png is drawn: formatlab cached, streamed, peer.
+POINT_STYLES = {
+    "cached": {"marker": "o", "color": "#9aa5b1", "label": "measured, cached (median)"},
+    "streamed": {"marker": "s", "facecolors": "none", "edgecolors": "#2e86c1",
+                 "label": "streamed from the store (--no-cache)"},
+    "peer": {"marker": "^", "color": "#8e44ad", "label": "peer loader (benchmarks/peers.py)"},
+}
+
+
+def point_kind(loader: Any, access: Any) -> str:
+    """``peer``, ``streamed`` or ``cached``: how a chart point is drawn."""
+    return "peer" if is_peer(loader) else "streamed" if is_streamed(access) else "cached"
+
+
+def _scatter_kinds(ax: Any, part: pd.DataFrame, points: list[tuple[float, float]]) -> None:
+    kinds = [point_kind(lo, ac) for lo, ac in zip(part["loader"], part["data_access"],
+                                                  strict=True)]
+    for kind, style in POINT_STYLES.items():
+        mine = [p for p, k in zip(points, kinds, strict=True) if k == kind]
+        if mine:
+            ax.scatter([p[0] for p in mine], [p[1] for p in mine], zorder=2, **style)
+
+
 def _pareto_chart(summary: pd.DataFrame, sizes: pd.DataFrame, path: Path) -> Path | None:
     """Throughput against total bytes on disk, per dataset, with the Pareto front."""
     data = summary.merge(sizes[["dataset", "format", "bytes"]], on=["dataset", "format"])
@@ -190,11 +214,10 @@ def _pareto_chart(summary: pd.DataFrame, sizes: pd.DataFrame, path: Path) -> Pat
         points = list(zip(part["bytes"].astype(float) / 2**20,
                           part["throughput_img_s"].astype(float), strict=True))
         front = pareto_front(points)
-        ax.scatter([p[0] for p in points], [p[1] for p in points], color="#9aa5b1",
-                   label="measured (median)", zorder=2)
+        _scatter_kinds(ax, part, points)
         ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "o-",
-                color="#c0392b", label="Pareto front (no option smaller and faster)",
-                zorder=3)
+                color="#c0392b", mfc="none", ms=10,  # hollow: the point's kind shows inside
+                label="Pareto front (no option smaller and faster)", zorder=3)
         for (x, y), label in zip(points, _labels(part), strict=True):
             ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
         log = spans_decades(pd.Series([p[0] for p in points]))

@@ -2,7 +2,8 @@
 
 Runs are grouped by every setting that changes a figure (``GROUP_KEYS``): the hardware
 (``hardware_id``, or the host where an older row has none), GPU, device, model, batch
-size, workers, cold or warm, mode, emulated step and image size. A group may still mix
+size, workers, cold or warm, data access (read the local cache or streamed from the
+store), mode, emulated step and image size. A group may still mix
 settings that are recorded but not grouped by (``MIX_KEYS``: hosts of the same hardware,
 epochs, samples per epoch, CPU budget); its ``mixes`` cell says which.
 
@@ -17,9 +18,12 @@ from typing import Any
 
 import pandas as pd
 
+from shared.results import data_access
+
 # The settings a figure depends on, beyond (dataset, loader, format).
 SETTING_KEYS = ("mode", "model", "world_size", "hardware", "gpu_name", "device",
-                "batch_size", "workers", "cold", "emulated_step_ms", "image_size")
+                "batch_size", "workers", "cold", "data_access", "emulated_step_ms",
+                "image_size")
 GROUP_KEYS = ["dataset", "loader", "format", *SETTING_KEYS]
 # Recorded settings a group may mix without being split; its ``mixes`` cell names them.
 MIX_KEYS = ("host", "epochs", "samples_per_epoch", "cpu_budget")
@@ -76,6 +80,8 @@ def with_settings(df: pd.DataFrame) -> pd.DataFrame:
         df[name] = _int(column(df, name))
     df["cold"] = [_cold_label(r, c) for r, c in zip(column(df, "cold_requested"),
                                                     column(df, "config"), strict=True)]
+    df["data_access"] = [a if isinstance(a, str) and a else data_access(c) for a, c in zip(
+        column(df, "data_access"), column(df, "config"), strict=True)]
     df["emulated_step_ms"] = pd.to_numeric(column(df, "emulated_step_ms"),
                                            errors="coerce").astype("float64")
     df["val_samples"] = column(df, "confusion_matrix").map(_matrix_total)

@@ -3,7 +3,10 @@
 A winner is named only where its throughput's spread lies clear of the next option's
 and both ran at least ``MIN_REPEATS`` times; otherwise the options whose spreads overlap
 are listed as equivalent, with what then decides between them: size on disk, CPU cost
-and accuracy. It also says what the store holds no measurement of.
+and accuracy. An option is a loader on a format, cached or streamed; peers' loaders are
+options like formatlab's. Where a pair ran both cached and streamed it puts the cache
+fill plus first epoch beside the streamed first epoch. It also says which of packed
+formats, streaming and peers it measured, and what the store holds no measurement of.
 """
 
 from __future__ import annotations
@@ -14,18 +17,19 @@ from typing import Any
 import pandas as pd
 
 from node.report.groups import varying, with_settings
+from node.report.kinds import is_streamed, kinds_line, option_label
 from node.report.tables import _first, format_bytes, format_size_table, primary_summary
 from node.report.units import _bytes, _fraction, _pct, _rate, _seconds
 
 DATA_BOUND = 0.10  # a loader waited for data longer than this share of the epoch
 MIN_REPEATS = 3    # runs of each side before a difference in speed is called a win
 GPU_LOADERS = ("cupy", "kvikio", "dali", "dali_gds", "nvjpeg")
-PEER_LOADERS = ("webdataset",)
 
 
 _PICK_FIGURES = ("throughput_img_s", "throughput_img_s_min", "throughput_img_s_max",
                  "data_wait_fraction", "accelerator_utilization", "mean_epoch_time_s",
-                 "val_accuracy", "cpu_util_mean_pct")
+                 "val_accuracy", "cpu_util_mean_pct", "cache_time_s", "first_epoch_time_s",
+                 "cache_then_first_s", "best_epoch_time_s")
 
 
 def recommend(runs: pd.DataFrame, conversions: pd.DataFrame,
@@ -34,7 +38,8 @@ def recommend(runs: pd.DataFrame, conversions: pd.DataFrame,
 
     A cell is one dataset under one set of settings (``groups.SETTING_KEYS``); it is
     keyed by the dataset's name, with the settings that differ in brackets where a
-    dataset has several cells. Train runs decide; a dataset with only bench runs is
+    dataset has several cells; cached and streamed runs (``data_access``) are options
+    within a cell, not cells apart. Train runs decide; a dataset with only bench runs is
     judged on those. ``best`` is the highest median throughput, named the ``winner``
     only when its min exceeds the next option's max and both ran ``MIN_REPEATS`` times
     (``margin``: its median over the next one's, minus 1); ``equivalent`` lists the
@@ -47,8 +52,9 @@ def recommend(runs: pd.DataFrame, conversions: pd.DataFrame,
         ``{cell: {"dataset", "settings", "mode", "best", "winner", "margin", "runner_up",
         "equivalent", "decided", "data_bound", "options", "max_bytes", "within_budget",
         "unknown_size"}}``; ``best`` / ``winner`` / ``runner_up`` / ``within_budget``
-        are dicts of a pair's figures (``loader``, ``format``, ``model``, ``repeats``,
-        medians of throughput, data wait, CPU, accuracy, ``bytes`` on disk) or None;
+        are dicts of an option's figures (``loader``, ``format``, ``data_access``,
+        ``model``, ``repeats``, medians of throughput, data wait, CPU, accuracy, cache
+        and first / best epoch times, ``bytes`` on disk) or None;
         ``equivalent``, ``data_bound`` and ``options`` are lists of them.
     """
     sizes = format_bytes(conversions)
@@ -78,7 +84,8 @@ def recommend(runs: pd.DataFrame, conversions: pd.DataFrame,
 def _pick(row: pd.Series, sizes: Mapping[tuple[str, str], int]) -> dict[str, Any]:
     pick = {"loader": row["loader"], "format": row["format"], "model": row["model"],
             "world_size": int(row["world_size"]), "repeats": int(row["repeats"]),
-            "io_path": row["io_path"], "dataset": row["dataset"]}
+            "io_path": row["io_path"], "dataset": row["dataset"],
+            "data_access": row["data_access"]}
     for col in _PICK_FIGURES:
         pick[col] = _num(row[col])
     pick["bytes"] = sizes.get((row["dataset"], row["format"]))
@@ -90,8 +97,11 @@ def _num(value: Any) -> float | None:
 
 
 def _cells(primary: pd.DataFrame) -> list[tuple[tuple[str, str], pd.DataFrame]]:
-    """``((dataset, settings label), rows)`` per comparison cell, in dataset order."""
-    keys = varying(primary)
+    """``((dataset, settings label), rows)`` per comparison cell, in dataset order.
+
+    Cached and streamed runs share a cell: they are options to compare, not settings.
+    """
+    keys = [k for k in varying(primary) if k != "data_access"]
     cells = []
     for dataset, part in primary.groupby("dataset", sort=True):
         if not keys:
@@ -141,18 +151,21 @@ def recommendation_text(recs: Mapping[str, Mapping[str, Any]], conversions: pd.D
         if rec["best"] is None:
             lines += ["No successful run recorded a throughput.", ""]
             continue
-        lines += _bottleneck_lines(rec) + _choice_lines(rec) + _budget_lines(rec, sizes)
+        lines += (_bottleneck_lines(rec) + _choice_lines(rec) + _access_lines(rec)
+                  + _budget_lines(rec, sizes))
         if rec["unknown_size"]:
             lines.append(f"- No conversions row (size unknown) for: "
                          f"{', '.join(rec['unknown_size'])}.")
         lines.append("")
     if runs is not None:
-        lines += ["## Not measured", ""] + [f"- {n}" for n in not_measured(runs)] + [""]
+        lines += ["## What was and was not measured", ""]
+        lines += [f"- {n}" for n in not_measured(runs)]
+        lines.append("")
     return lines
 
 
 def _name(p: Mapping[str, Any]) -> str:
-    return f"`{p['loader']}` on `{p['format']}`"
+    return f"`{p['loader']}` on `{p['format']}`{option_label(p)}"
 
 
 def _bottleneck_lines(rec: Mapping[str, Any]) -> list[str]:
@@ -214,6 +227,31 @@ def _tradeoff_lines(options: list[Mapping[str, Any]]) -> list[str]:
     return [f"- **Then decide on**: {'; '.join(said)}."] if said else []
 
 
+def _access_lines(rec: Mapping[str, Any]) -> list[str]:
+    """Per (loader, format) measured both cached and streamed: the time to the end of the
+    first epoch each way (cache fill included) and the best epoch each way."""
+    by_pair: dict[tuple[str, str], dict[bool, Mapping[str, Any]]] = {}
+    for o in rec["options"]:
+        by_pair.setdefault((o["loader"], o["format"]), {})[is_streamed(o["data_access"])] = o
+    lines = []
+    for (loader, fmt), ways in sorted(by_pair.items()):
+        if len(ways) < 2:
+            continue
+        cached, streamed = ways[False], ways[True]
+        to_first = (cached["cache_then_first_s"], streamed["first_epoch_time_s"])
+        sooner = ("" if None in to_first else
+                  f": {'streaming' if to_first[1] < to_first[0] else 'caching'} ends the "
+                  "first epoch sooner")
+        lines.append(
+            f"- **Cache or stream** (`{loader}` on `{fmt}`): cache then train "
+            f"{_seconds(cached['cache_time_s'])} fill + "
+            f"{_seconds(cached['first_epoch_time_s'])} first epoch = "
+            f"{_seconds(to_first[0])}, best epoch {_seconds(cached['best_epoch_time_s'])}; "
+            f"stream {_seconds(to_first[1])} first epoch, best epoch "
+            f"{_seconds(streamed['best_epoch_time_s'])}{sooner}.")
+    return lines
+
+
 def _budget_lines(rec: Mapping[str, Any], sizes: pd.DataFrame) -> list[str]:
     budget = rec["max_bytes"]
     if budget is None:
@@ -230,10 +268,11 @@ def _budget_lines(rec: Mapping[str, Any], sizes: pd.DataFrame) -> list[str]:
 
 
 def not_measured(runs: pd.DataFrame) -> list[str]:
-    """What the store's successful runs did not cover, one line each."""
+    """What the store's successful runs did not cover, one line each: first which of
+    packed formats, streaming and peer loaders were measured and which were not
+    (:func:`kinds.kinds_line`), then GPU loaders and cold epochs where not run."""
     ok = runs[runs["status"] == "ok"] if "status" in runs else runs
     loaders = set(ok.get("loader", pd.Series(dtype=object)).dropna())
-    formats = {str(f) for f in ok.get("format", pd.Series(dtype=object)).dropna()}
     devices = {str(d) for d in ok.get("device", pd.Series(dtype=object)).dropna()}
     out = []
     if not loaders & set(GPU_LOADERS):
@@ -241,15 +280,11 @@ def not_measured(runs: pd.DataFrame) -> list[str]:
                    + ("" if any(d.startswith("cuda") for d in devices)
                       else "; no run used a GPU, so accelerator utilisation is the CPU's "
                            "compute share, not a GPU's"))
-    if not (with_settings(ok)["cold"] == "cold").any():
+    settled = with_settings(ok)
+    if not (settled["cold"] == "cold").any():
         out.append("cold epochs (`--cold`): not run; every figure read warm data "
                    "(page cache)")
-    if not any(f.startswith("wds-") for f in formats):
-        out.append("packed formats (wds-*): not run")
-    if not loaders & set(PEER_LOADERS):
-        out.append(f"peer loaders ({', '.join(PEER_LOADERS)}): not run "
-                   "(benchmarks/peers.py compares peers apart)")
-    return out or ["nothing the report knows of: GPU, cold, packed and peer runs all present"]
+    return [kinds_line(settled), *out]
 
 
 def _pair_text(p: Mapping[str, Any]) -> str:
@@ -259,7 +294,8 @@ def _pair_text(p: Mapping[str, Any]) -> str:
     disk = _bytes(p["bytes"]) + " on disk" if p["bytes"] is not None else "size unknown"
     accuracy = (f", accuracy {_fraction(p['val_accuracy'])}"
                 if p["val_accuracy"] is not None else "")
-    return (f"`{p['loader']}` loader on `{p['format']}` — {_rate(p['throughput_img_s'])} img/s "
+    return (f"`{p['loader']}` loader on `{p['format']}`{option_label(p)} — "
+            f"{_rate(p['throughput_img_s'])} img/s "
             f"({spread}{model}{ranks}), data wait {_fraction(p['data_wait_fraction'])}, "
             f"epoch {_seconds(p['mean_epoch_time_s'])}{accuracy}, {disk}, "
             f"io path {p['io_path']}")

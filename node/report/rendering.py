@@ -28,7 +28,14 @@ from node.report.tables import (
     summarise,
     summary_tables,
 )
-from node.report.context import DETAIL_LEGEND, SETTINGS_LEGEND, detail_text, settings_text
+from node.report.context import (
+    ACCESS_LEGEND,
+    DETAIL_LEGEND,
+    SETTINGS_LEGEND,
+    access_text,
+    detail_text,
+    settings_text,
+)
 from node.report.units import _bytes, _cells, _missing, level_text
 
 
@@ -81,7 +88,7 @@ def build_tables(results: Results) -> list[TextTable]:
     """Every table of the report, in reading order."""
     runs = results.runs
     return [*_settings_tables(runs), *_summary_tables(runs), *_detail_tables(runs),
-            *_comparison_tables(runs), *_bench_tables(runs),
+            *_access_tables(runs), *_comparison_tables(runs), *_bench_tables(runs),
             *_size_tables(results.conversions), *_failed_tables(runs)]
 
 
@@ -111,6 +118,20 @@ def _detail_tables(runs: pd.DataFrame) -> list[TextTable]:
             f"{dataset}: beside throughput (first batch, batch wait, stages, memory kind, "
             "cold, I/O path)", text, numbers, list(text.columns).index("repeats"),
             terminal=_known_columns(text), legend=DETAIL_LEGEND, terminal_note=_KNOWN_NOTE))
+    return tables
+
+
+def _access_tables(runs: pd.DataFrame) -> list[TextTable]:
+    tables = []
+    for dataset in sorted(summarise(runs)["dataset"].unique()):
+        text, numbers = access_text(runs, dataset)
+        medians = text.map(lambda v: v.split(" [", 1)[0])
+        tables.append(TextTable(
+            f"access_{_slug(dataset)}",
+            f"{dataset}: cache to local disk then train, or stream from the store",
+            text, numbers, list(text.columns).index("repeats"),
+            terminal=_known_columns(medians), legend=ACCESS_LEGEND,
+            terminal_note="medians here; spreads in the Markdown"))
     return tables
 
 
@@ -204,8 +225,8 @@ def _slug(name: Any) -> str:
 
 _TEXT_COLUMNS = frozenset({"io path", "error", "run_id", "host", "mode", "status",
                            "compression / quality", "mixes", "evidence", "RAM kind",
-                           "cold/warm", "hosts", "hardware", "GPU", "device", "model",
-                           "VRAM kind"})
+                           "cold/warm", "data access", "access", "hosts", "hardware", "GPU",
+                           "device", "model", "VRAM kind"})
 
 
 def to_markdown(df: pd.DataFrame, labels: int = 0) -> str:
@@ -256,7 +277,8 @@ def report_intro(data: Results) -> list[str]:
         f"{data.conversions['job_id'].nunique()} conversion jobs; generated {now}.", "",
         "Cells are the median over repeated runs of a configuration (dataset, loader, format "
         "and every setting that changes a figure: hardware, GPU, device, model, batch size, "
-        "workers, cold/warm, mode, emulated step, image size; see the settings table), with "
+        "workers, cold/warm, cached or streamed, mode, emulated step, image size; see the "
+        "settings table), with "
         "[min–max] where it ran more than once and the run count in `repeats`. Data wait = "
         "time blocked on the next batch / epoch wall time; accelerator utilisation = compute "
         "/ epoch wall time (MLPerf Storage); on CPU it is the CPU's compute share.", "",

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from node.report import load_results, recommend, recommendation_text, report, summarise
-from shared.results import write_rows
+from shared.results import to_table, write_rows
 from shared.storage import Store
 
 SAMPLES = 10_000
@@ -54,6 +55,12 @@ def _report(store: Store, out: Path) -> str:
     return buf.getvalue()
 
 
+def _summary_and_settings(store: Store, out: Path) -> tuple[str, pd.DataFrame]:
+    """The report's ``summary_alpha.md`` text and its settings table's numbers."""
+    _report(store, out)
+    return (out / "summary_alpha.md").read_text(), pd.read_csv(out / "settings.csv")
+
+
 def test_two_hosts_two_batch_sizes_stay_four_groups(tmp_path: Path) -> None:
     store = Store.open(str(tmp_path / "res"))
     rates = {("node-1", 64): [400, 420, 410], ("node-1", 256): [900, 950, 925],
@@ -71,13 +78,10 @@ def test_two_hosts_two_batch_sizes_stay_four_groups(tmp_path: Path) -> None:
         assert cell["repeats"].iloc[0] == 3
         assert cell["throughput_img_s"].iloc[0] == statistics.median(values)
         assert cell["mixes"].iloc[0] == "-"
-    out = tmp_path / "out"
-    _report(store, out)
-    md = (out / "summary_alpha.md").read_text()
+    md, settings = _summary_and_settings(store, tmp_path / "out")
     # The varying settings are row labels: one line per (hardware, batch size).
     assert "| loader | format | hardware | batch_size | repeats |" in md
     assert "| file | png | host node-2 | 256 | 3 | 1,510 [1,500–1,520] |" in md
-    settings = pd.read_csv(out / "settings.csv")
     assert sorted(zip(settings["hardware"], settings["batch_size"], strict=True)) == [
         ("host node-1", 64), ("host node-1", 256), ("host node-2", 64), ("host node-2", 256)]
     assert set(settings["steps_per_epoch"]) == {-(-SAMPLES // 64), -(-SAMPLES // 256)}
@@ -166,3 +170,27 @@ def test_too_few_repeats_decide_nothing(tmp_path: Path) -> None:
     assert rec["winner"] is None
     text = "\n".join(recommendation_text({"alpha": rec}, load_results(store).conversions))
     assert "**No decided winner**" in text and "fewer than 3 runs each (2 and 2)" in text
+
+
+def test_cached_and_streamed_runs_stay_two_groups(tmp_path: Path) -> None:
+    """``data_access`` splits groups; rows without it say ``--no-cache`` in their config."""
+    store = Store.open(str(tmp_path / "res"))
+    for row in (_row("c0", fmt="wds-png", loader="packed", rate=2_000, data_access="cache"),
+                _row("s0", fmt="wds-png", loader="packed", rate=700, data_access="stream")):
+        write_rows(store, "runs", [row], file_id=row["run_id"])
+    # Files written before the column: the flag is in the config JSON, or absent (cache).
+    for row in (_row("c1", fmt="wds-png", loader="packed", rate=2_100,
+                     config={"loader": "packed"}),
+                _row("s1", fmt="wds-png", loader="packed", rate=800,
+                     config={"no_cache": True, "loader": "packed"})):
+        pq.write_table(to_table("runs", [row]).drop_columns(["data_access"]),
+                       tmp_path / "res" / "runs" / f"{row['run_id']}.parquet")
+    summary = summarise(load_results(store).runs, "train").set_index("data_access")
+    assert sorted(summary.index) == ["cache", "stream"]
+    assert summary.loc["cache", "repeats"] == summary.loc["stream", "repeats"] == 2
+    assert summary.loc["cache", "throughput_img_s"] == statistics.median([2_000, 2_100])
+    assert summary.loc["stream", "throughput_img_s"] == statistics.median([700, 800])
+    md, settings = _summary_and_settings(store, tmp_path / "out")
+    assert "| loader | format | data_access | repeats |" in md
+    assert "| packed | wds-png | stream | 2 | 750 [700–800] |" in md
+    assert sorted(settings["data_access"]) == ["cache", "stream"]
