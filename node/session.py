@@ -35,7 +35,7 @@ from node.progress import EpochProgress, cache_done
 from node.steps import Step
 from node.telemetry import Sampler
 from node.train import Trainer, TrainResult, TrainStep
-from shared.results import new_id, utc_now, write_rows
+from shared.results import data_access, new_id, utc_now, write_rows
 from shared.storage import redact
 
 DEFAULT_MODEL = {"cpu": "convnet", "cuda": "resnet18"}
@@ -137,6 +137,7 @@ class RunSession:
             "repeat": measure.repeat, "mode": measure.mode,
             "emulated_step_ms": measure.emulate_step_ms,
             "cpu_budget": cpu_budget(), "cold_requested": measure.cold,
+            "data_access": data_access(cfg.public()),
         }
 
     def _cache(self, row: dict[str, Any]) -> CacheFill:

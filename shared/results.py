@@ -166,8 +166,7 @@ _STRING_JSON = {"versions", "config", "hardware", "confusion_matrix"}
 CACHE, STREAM = "cache", "stream"
 # ``runs.loader`` values that name a peer (another project's loader measured in the same
 # harness, benchmarks/peers.py), not one of formatlab's own loaders.
-PEER_LOADERS = ("webdataset", "litdata", "mosaic-streaming", "mosaic", "ffcv",
-                "torchvision-imagefolder", "imagefolder")
+PEER_LOADERS = ("webdataset", "litdata", "mosaic-streaming", "ffcv", "torchvision-imagefolder")
 
 
 def data_access(config: Mapping[str, Any] | str | None) -> str:
