@@ -19,10 +19,12 @@ import numpy as np
 
 
 class FormatKind(str, Enum):
-    """``files``: one file per sample, listed in the index. ``array``: container files."""
+    """``files``: one file per sample, listed in the index. ``array``: container files.
+    ``packed``: one archive of per-sample members, each member's place in the index."""
 
     FILES = "files"
     ARRAY = "array"
+    PACKED = "packed"
 
 
 class UnknownFormat(ValueError):

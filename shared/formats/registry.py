@@ -19,6 +19,7 @@ from shared.formats.npy import NpyFormat
 from shared.formats.npy_files import NpyFilesFormat
 from shared.formats.png import PngFormat
 from shared.formats.tiff import TiffFormat
+from shared.formats.wds import PACKED_GROUP, PACKED_HELP, PACKED_PREFIX, packed_format, packed_ids
 from shared.formats.webp import WebpFormat
 from shared.formats.zarr_format import ZarrFormat
 
@@ -60,7 +61,8 @@ def format_id_help() -> str:
     """One line naming every valid format id, for ``--help`` and error messages."""
     fixed = [i for i in FIXED_FORMATS if i not in CATALOG]
     catalog_extra = [f"{prefix}N{suffix} (N = 1..100)" for prefix, suffix in QUALITY_FORMATS]
-    return ", ".join([*CATALOG, *fixed, *catalog_extra]) + ", or 'all' (the catalog)"
+    return (", ".join([*CATALOG, *fixed, *catalog_extra, PACKED_HELP])
+            + f", or 'all' (the catalog) or '{PACKED_GROUP}' (its image codecs packed)")
 
 
 def get_format(format_id: str) -> Format:
@@ -70,6 +72,8 @@ def get_format(format_id: str) -> Format:
         UnknownFormat: the id is not registered; the message lists the valid ones.
     """
     factory = FIXED_FORMATS.get(format_id)
+    if format_id.startswith(PACKED_PREFIX):
+        return packed_format(format_id, get_format)
     if factory is not None:
         return factory()
     match = _QUALITY_ID.match(format_id)
@@ -82,6 +86,7 @@ def get_format(format_id: str) -> Format:
 def chroma_subsampling(fmt: Format) -> str:
     """The chroma subsampling of what ``fmt`` stores: ``4:2:0`` for JPEG's default and
     lossy WebP (VP8 always subsamples), ``4:4:4`` for everything that keeps full chroma."""
+    fmt = getattr(fmt, "codec", fmt)  # a packed format stores its codec's files
     if fmt.family == "jpeg":
         return str(fmt.params.get("subsampling", "4:2:0"))
     if fmt.family == "webp" and not fmt.lossless:
@@ -90,7 +95,8 @@ def chroma_subsampling(fmt: Format) -> str:
 
 
 def parse_format_list(text: str) -> list[Format]:
-    """Formats named by a comma-separated list; ``all`` means the catalog.
+    """Formats named by a comma-separated list; ``all`` means the catalog, ``packed`` the
+    packed variants of its image codecs.
 
     Repeats are dropped, first occurrence kept.
 
@@ -100,7 +106,8 @@ def parse_format_list(text: str) -> list[Format]:
     ids: list[str] = []
     for token in (t.strip() for t in text.split(",")):
         if token:
-            ids.extend(CATALOG if token == "all" else [token])
+            ids.extend(CATALOG if token == "all" else packed_ids(CATALOG, get_format)
+                       if token == PACKED_GROUP else [token])
     if not ids:
         raise UnknownFormat(f"no format given; valid: {format_id_help()}")
     unknown = []
