@@ -107,6 +107,9 @@ LOADER_SPECS: dict[str, LoaderSpec] = {s.name: s for s in (
     LoaderSpec("dali_gds", "node.loaders.dali:DaliGdsLoader", "cuda", "npy-files",
                'DALI readers.numpy(device="gpu"): cuFile reads of npy-files '
                "into GPU memory (GPUDirect Storage from local NVMe)", ("nvidia.dali",)),
+    LoaderSpec("packed", "node.loaders.packed:PackedLoader", "cpu", "wds-*",
+               "positional reads of tar members (cache) or ranged GETs (streaming), "
+               "batch decode in threads (libturbojpeg for JPEG where present)"),
     LoaderSpec("nvjpeg", "node.loaders.nvjpeg:NvjpegLoader", "cuda", "jpeg-*",
                "file bytes read by DataLoader workers, batch-decoded on the GPU "
                "by torchvision.io.decode_jpeg (nvJPEG)"),

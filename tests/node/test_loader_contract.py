@@ -27,11 +27,13 @@ from node.loaders.base import epoch_batches
 from node.loaders.common import ShardMap
 from node.machine import mapped_files
 from shared.formats import FormatKind, get_format
+from shared.formats.base import is_url
 from shared.shards import read_index, shard_path, write_shard
 from shared.storage import Store
 
 FORMATS = ("png", "jpeg-q95", "bmp", "webp-lossless", "tiff-lzw", "npy-files",
-           "npy", "hdf5", "hdf5-gzip", "hdf5-lzf", "zarr", "zarr-zstd")
+           "npy", "hdf5", "hdf5-gzip", "hdf5-lzf", "zarr", "zarr-zstd",
+           "wds-jpeg-q95", "wds-png", "wds-webp-lossless", "wds-bmp")
 SHARDS, PER_SHARD = 3, 37
 H, W, C = 12, 16, 3  # not square: a swapped height and width cannot pass
 BATCH = 16
@@ -91,7 +93,7 @@ def cases() -> Iterator[pytest.param]:
             if not loader.supports(get_format(format_id)):
                 continue
             variants = [Case(loader, format_id, run, cuda=on_gpu) for run in RUNS]
-            if loader.name == "zarr":
+            if loader.name in ("zarr", "packed"):  # the loaders that stream (--no-cache)
                 variants.append(Case(loader, format_id, "w2-mid", url=True, cuda=on_gpu))
             if not on_gpu:
                 variants += [Case(loader, format_id, run, cuda=True) for run in RUNS]
@@ -153,6 +155,10 @@ def expected_bytes(config: LoaderConfig) -> int | None:
     if fmt.kind is FormatKind.FILES:
         return sum(os.path.getsize(os.path.join(s.location, f))
                    for s in config.shards for f in s.files[s.start:s.stop])
+    if fmt.kind is FormatKind.PACKED:  # each sample's member, once
+        return sum(sum(read_index(f"{s.location}/index.parquet" if not is_url(s.location)
+                                  else Store.open(s.location).read_bytes("index.parquet"))
+                       .column("bytes").to_pylist()[s.start:s.stop]) for s in config.shards)
     if fmt.id in ("npy", "hdf5"):  # uncompressed, one sample per chunk or row
         return config.num_samples * H * W * C
     if fmt.family == "hdf5":  # one chunk per sample: each sample's stored chunk, once
