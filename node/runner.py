@@ -192,9 +192,9 @@ def check_pair(loader_name: str, format_id: str, manifest: Manifest,
     reason = cls.unavailable_reason()
     if reason:
         raise UsageError(f"loader {loader_name!r} cannot run here: {reason}")
-    if no_cache and loader_name != "zarr":
+    if no_cache and loader_name not in ("zarr", "packed"):
         raise UsageError("--no-cache reads straight from the store, which only the zarr "
-                         "loader supports")
+                         "and packed loaders support")
     return cls, fmt
 
 
