@@ -4,8 +4,8 @@
 (descriptors opened lazily per process, closed by :meth:`close` so ``--cold`` can
 evict the tar's pages). :class:`StreamedMembers` (``--no-cache``) reads from the
 shard's URL in the store: when an epoch starts, a background thread fetches whole
-shards (in parts of :data:`PART_BYTES`, several ranged GETs in flight through fsspec,
-s3fs's own event loop for S3) in the order the epoch first needs them, up to
+shards (in parts of :data:`PART_BYTES`, :data:`FETCH_THREADS` ranged GETs in flight
+through :class:`shared.storage.Store`, so errors are redacted as everywhere) in the order the epoch first needs them, up to
 :data:`STREAM_BUFFER_BYTES` held in memory; batches take their members from those
 copies as they arrive, and members of shards beyond the budget are fetched by ranged
 GETs of just their bytes. Nothing is kept between epochs: every epoch streams again.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,6 +25,7 @@ from shared.formats.base import is_url
 from shared.formats.wds import TAR_NAME
 
 PART_BYTES = 8 << 20  # one ranged GET of a whole-shard fetch
+FETCH_THREADS = 4  # whole-shard parts in flight
 STREAM_BUFFER_BYTES = 4 << 30  # streamed shards held in memory at most, per loader
 
 
@@ -106,11 +108,10 @@ class StreamedMembers:
     def __init__(self, shards: Sequence[_Shard], storage_options: dict[str, Any],
                  buffer_bytes: int = STREAM_BUFFER_BYTES) -> None:
         self.shards = list(shards)
-        self.urls = [f"{s.location.rstrip('/')}/{TAR_NAME}" for s in shards]
         self.storage_options = storage_options
         self.buffer_bytes = buffer_bytes
         self.fetched_bytes = 0  # bytes received from the store, whole-shard fetches included
-        self._fs: Any = None
+        self._stores: list[Any] = []
         self._reset()
 
     def _reset(self) -> None:
@@ -120,12 +121,14 @@ class StreamedMembers:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _filesystem(self) -> tuple[Any, list[str]]:
-        import fsspec.core
+    def _store(self, s: int) -> Any:
+        """Shard ``s``'s folder as a :class:`~shared.storage.Store` (opened lazily: the
+        same fsspec instance, and session, as the node's index reads)."""
+        from shared.storage import Store
 
-        if self._fs is None:
-            self._fs, _ = fsspec.core.url_to_fs(self.urls[0], **self.storage_options)
-        return self._fs, [self._fs._strip_protocol(u) for u in self.urls]
+        if not self._stores:
+            self._stores = [Store.open(sh.location, self.storage_options) for sh in self.shards]
+        return self._stores[s]
 
     def start_epoch(self, shard_map: Any, batches: Sequence[np.ndarray]) -> None:
         """Start fetching the epoch's shards whole, in the order it first needs them."""
@@ -150,23 +153,29 @@ class StreamedMembers:
         return int(shard.offsets[-1] + shard.sizes[-1]) if len(shard.offsets) else 0
 
     def _fetch_shards(self, order: list[int]) -> None:
+        """Fetch ``order``'s shards in parts, :data:`FETCH_THREADS` GETs in flight."""
         try:
-            fs, paths = self._filesystem()
-            for s in order:
-                if self._stop.is_set():
-                    return
-                end = self._end(s)
-                starts = list(range(0, end, PART_BYTES))
-                ends = [min(end, lo + PART_BYTES) for lo in starts]
-                parts = fs.cat_ranges([paths[s]] * len(starts), starts, ends)
-                copy = np.empty(end, np.uint8)
-                for lo, part in zip(starts, parts, strict=True):
-                    if isinstance(part, BaseException):
-                        raise part
-                    copy[lo:lo + len(part)] = np.frombuffer(part, np.uint8)
-                self.fetched_bytes += end
-                self._copies[s] = copy
-                self._ready[s].set()
+            with ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="packed-fetch") as pool:
+                plan = []
+                for s in order:
+                    end = self._end(s)
+                    parts = [(lo, min(end, lo + PART_BYTES)) for lo in range(0, end, PART_BYTES)]
+                    plan.append((s, end, [(lo, hi, pool.submit(self._store(s).read_bytes,
+                                                               TAR_NAME, lo, hi))
+                                          for lo, hi in parts]))
+                for s, end, parts in plan:
+                    copy = np.empty(end, np.uint8)
+                    for lo, hi, future in parts:
+                        if self._stop.is_set():
+                            pool.shutdown(cancel_futures=True)
+                            return
+                        data = future.result()
+                        if len(data) != hi - lo:
+                            raise OSError(f"got {len(data)} of bytes {lo}..{hi}")
+                        copy[lo:hi] = np.frombuffer(data, np.uint8)
+                    self.fetched_bytes += end
+                    self._copies[s] = copy
+                    self._ready[s].set()
         except BaseException as exc:  # noqa: BLE001 - handed to the reading threads
             self._error = exc
             for event in self._ready.values():
@@ -184,20 +193,29 @@ class StreamedMembers:
                 continue
             ready.wait()
             if self._error is not None:
-                raise OSError(f"{self.urls[s]}: streaming failed: {self._error}")
+                from shared.storage import one_line
+
+                raise OSError(f"{self._store(s).display_url}/{TAR_NAME}: streaming failed: "
+                              f"{one_line(self._error)}")
             copy, lo = self._copies[s], int(offsets[k])
             buf[starts[k]:starts[k] + sizes[k]] = copy[lo:lo + sizes[k]]
         if ranged:
-            fs, paths = self._filesystem()
-            got = fs.cat_ranges([paths[shard_no[k]] for k in ranged],
-                                [int(offsets[k]) for k in ranged],
-                                [int(offsets[k] + sizes[k]) for k in ranged])
-            for k, data in zip(ranged, got, strict=True):
-                if isinstance(data, BaseException) or len(data) != sizes[k]:
-                    raise OSError(f"{self.urls[shard_no[k]]}: ranged read at {offsets[k]} failed")
-                buf[starts[k]:starts[k] + sizes[k]] = np.frombuffer(data, np.uint8)
-                self.fetched_bytes += len(data)
+            self._read_ranged(shard_no, offsets, sizes, buf, starts, ranged)
         return buf, starts, sizes
+
+    def _read_ranged(self, shard_no: np.ndarray, offsets: np.ndarray, sizes: np.ndarray,
+                     buf: np.ndarray, starts: np.ndarray, ranged: list[int]) -> None:
+        """Members of shards not fetched whole: one ranged GET each, all in flight."""
+        fs = self._store(int(shard_no[ranged[0]])).fs
+        got = fs.cat_ranges([self._store(int(shard_no[k])).path(TAR_NAME) for k in ranged],
+                            [int(offsets[k]) for k in ranged],
+                            [int(offsets[k] + sizes[k]) for k in ranged], on_error="return")
+        for k, data in zip(ranged, got, strict=True):
+            if isinstance(data, BaseException) or len(data) != sizes[k]:
+                url = self._store(int(shard_no[k])).display_url
+                raise OSError(f"{url}/{TAR_NAME}: ranged read at {offsets[k]} failed")
+            buf[starts[k]:starts[k] + sizes[k]] = np.frombuffer(data, np.uint8)
+            self.fetched_bytes += len(data)
 
     def end_epoch(self) -> None:
         """Stop fetching and drop the shard copies (the next epoch streams again)."""
