@@ -109,7 +109,8 @@ LOADER_SPECS: dict[str, LoaderSpec] = {s.name: s for s in (
                "into GPU memory (GPUDirect Storage from local NVMe)", ("nvidia.dali",)),
     LoaderSpec("packed", "node.loaders.packed:PackedLoader", "cpu", "wds-*",
                "positional reads of tar members (cache) or ranged GETs (streaming), "
-               "batch decode in threads (libturbojpeg for JPEG where present)"),
+               "batch decode in DataLoader workers (cache) or threads (streaming), "
+               "libturbojpeg for JPEG where present"),
     LoaderSpec("nvjpeg", "node.loaders.nvjpeg:NvjpegLoader", "cuda", "jpeg-*",
                "file bytes read by DataLoader workers, batch-decoded on the GPU "
                "by torchvision.io.decode_jpeg (nvJPEG)"),

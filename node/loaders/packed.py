@@ -1,19 +1,24 @@
-"""``packed``: samples of packed shards (``wds-*``) read by offset and batch-decoded in threads.
+"""``packed``: samples of packed shards (``wds-*``) read by offset and batch-decoded.
 
 The shard's index says where each sample's member lies in ``samples.tar``; a batch is
-sorted by shard and offset, split into one chunk per decode thread, and each thread
-reads its members with ``os.preadv`` on the cached tar (or takes them from the store
+sorted by shard and offset (and, in threads, split into one chunk per thread); each
+worker or thread reads its members with ``os.preadv`` on the cached tar (or takes them from the store
 URL, see :mod:`node.loaders.packed_io`) and decodes them straight into the batch buffer.
 JPEG goes through libturbojpeg by ctypes when the system has it (one foreign call per
 image, which releases the GIL, into the batch's own memory: no tensor per image, no
 stack copy), else torchvision.io; PNG and WebP through torchvision.io, the rest through
 the codec's own (Pillow) decoder.
 
-Threads, not DataLoader processes: here (2 cores, 32x32 JPEG) decode threads measured
-faster than the same reader in DataLoader workers, which pay a shared-memory batch and
-an IPC round trip per batch (``benchmarks/bench_packed.py`` measures both;
-:class:`PackedProcessLoader` is the processes variant it uses). ``bytes_read`` is the
-member bytes read; ``read_s`` and ``decode_s`` are summed over the batch's threads.
+Cached tars are read in DataLoader worker processes (:class:`PackedProcessLoader`),
+streamed ones in threads (:class:`PackedThreadLoader`: the whole-shard read-ahead lives
+in one process). Threads need no shared-memory batch and no IPC per batch, and
+libturbojpeg decodes outside the GIL, but measured here (2 shared cores, 32x32 JPEG,
+``benchmarks/bench_packed.py``, which times both) processes were ahead in five of seven
+interleaved comparisons (up to 1.7x: 30,400 vs 17,600 img/s) whenever other jobs
+oversubscribed the cores, where a descheduled thread holding the GIL stalls the rest;
+threads led once the box was quieter (50,000 vs 23,000). Processes also scale past the
+GIL's ceiling (a few microseconds of Python per image) on many cores. ``bytes_read`` is the member bytes read; ``read_s``
+and ``decode_s`` are summed over the batch's threads.
 """
 
 from __future__ import annotations
@@ -227,13 +232,12 @@ class PackedBatchReader(BatchReader):
 
 
 class PackedProcessLoader(WorkerLoader):
-    """The same reader in DataLoader worker processes, one batch per fetch (measured
-    against the threads of :class:`PackedLoader` by ``benchmarks/bench_packed.py``)."""
+    """The reader in DataLoader worker processes, one whole batch per fetch."""
 
     name: ClassVar[str] = "packed"
     summary: ClassVar[str] = ("positional reads of tar members (cache) or ranged GETs "
-                              "(streaming), batch decode in threads (libturbojpeg for "
-                              "JPEG where present)")
+                              "(streaming), batch decode in DataLoader workers (cache) or "
+                              "threads (streaming), libturbojpeg for JPEG where present")
     formats_help: ClassVar[str] = "wds-*"
 
     @classmethod
@@ -252,8 +256,8 @@ def _evidence(reader: PackedBatchReader, where: str) -> str:
     return f"host: {how} into host memory, decoded by {reader.decoder} in {where}"
 
 
-class PackedLoader(PackedProcessLoader):
-    """Packed shards: members read by offset, batches decoded in a pool of threads.
+class PackedThreadLoader(PackedProcessLoader):
+    """The reader in a pool of threads of this process.
 
     ``workers`` threads read and decode (0: the main thread does); two batches are in
     flight, each split into one chunk per thread.
@@ -334,6 +338,32 @@ class PackedLoader(PackedProcessLoader):
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        super().close()
+
+
+class PackedLoader(PackedThreadLoader):
+    """Packed shards: DataLoader workers for cached tars, threads when streaming.
+
+    Streaming needs one process: its whole-shard read-ahead feeds every batch.
+    """
+
+    def _streams(self) -> bool:
+        from shared.formats.base import is_url
+
+        return bool(self.config.shards) and is_url(self.config.shards[0].location)
+
+    def resources(self) -> dict[str, int]:
+        if self._streams():
+            return PackedThreadLoader.resources(self)
+        return WorkerLoader.resources(self)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        if self._streams():
+            return PackedThreadLoader.epoch(self, epoch)
+        return WorkerLoader.epoch(self, epoch)
+
+    def release(self) -> None:
+        if self._streams():
+            PackedThreadLoader.release(self)
+        else:
+            WorkerLoader.release(self)
