@@ -170,3 +170,20 @@ def test_wrong_image_size_is_one_clear_error(packed_s3: Dataset, tmp_path: Path)
             list(loader.epoch(0))
     finally:
         loader.close()
+
+
+def test_cache_verifies_the_tar_and_fetches_a_damaged_one_again(packed_s3: Dataset,
+                                                                tmp_path: Path) -> None:
+    store, cache_dir = packed_s3.store_obj(), tmp_path / "cache"
+    ranges = assign(packed_s3.manifest, "wds-png", "train")
+    slices, stats = ShardCache(store, packed_s3.manifest, cache_dir).fetch(ranges)
+    # One tar and one index per shard: nothing per sample.
+    assert stats.files_fetched == 2 * len(ranges) and stats.files_refetched == 0
+    tar = Path(slices[0].location) / "samples.tar"
+    good = tar.read_bytes()
+    damaged = bytearray(good)
+    damaged[len(good) // 2] ^= 0xFF
+    tar.write_bytes(bytes(damaged))
+    _, again = ShardCache(store, packed_s3.manifest, cache_dir).fetch(ranges)
+    assert again.files_refetched == 1 and again.files_fetched == 1
+    assert tar.read_bytes() == good
