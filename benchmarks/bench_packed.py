@@ -9,12 +9,12 @@ Then, warm page cache, best epoch of several, all in this one run:
 - packed (decode threads) vs ``file`` (DataLoader workers), 32 px, same workers;
 - packed vs the bare decode rate: cores x one core's libjpeg-turbo rate on the same
   JPEG bytes (one thread, decoding from memory into a preallocated batch), 32 and 512 px;
-- packed (DataLoader workers on cached tars) vs the same reader in threads (why
-  processes are the default for cached tars);
+- packed (DataLoader workers on small cached images) vs the same reader in threads
+  (why processes are the default there; 512 px and streaming use threads);
 - the first epoch streamed from ``rclone serve s3`` on loopback (``--no-cache``: fresh
   loader, whole shards fetched ahead) vs the cached copy's best epoch.
 
-    python benchmarks/bench_packed.py [--samples 50000] [--samples-512 400] [--rounds 3]
+    python benchmarks/bench_packed.py [--samples 50000] [--samples-512 800] [--rounds 3]
 
 :func:`time_loader` times any loader class on slices of a packed dataset (for
 ``benchmarks/peers.py``).
@@ -168,7 +168,7 @@ def best(runs: list[list[float]], first: bool = False) -> float:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=50_000, help="32x32 JPEGs")
-    parser.add_argument("--samples-512", type=int, default=400, help="512x512 JPEGs")
+    parser.add_argument("--samples-512", type=int, default=800, help="512x512 JPEGs")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2,
                         help="decode threads (packed) and DataLoader workers (file)")

@@ -9,16 +9,17 @@ image, which releases the GIL, into the batch's own memory: no tensor per image,
 stack copy), else torchvision.io; PNG and WebP through torchvision.io, the rest through
 the codec's own (Pillow) decoder.
 
-Cached tars are read in DataLoader worker processes (:class:`PackedProcessLoader`),
-streamed ones in threads (:class:`PackedThreadLoader`: the whole-shard read-ahead lives
-in one process). Threads need no shared-memory batch and no IPC per batch, and
-libturbojpeg decodes outside the GIL, but measured here (2 shared cores, 32x32 JPEG,
-``benchmarks/bench_packed.py``, which times both) processes were ahead in five of seven
-interleaved comparisons (up to 1.7x: 30,400 vs 17,600 img/s) whenever other jobs
-oversubscribed the cores, where a descheduled thread holding the GIL stalls the rest;
-threads led once the box was quieter (50,000 vs 23,000). Processes also scale past the
-GIL's ceiling (a few microseconds of Python per image) on many cores. ``bytes_read`` is the member bytes read; ``read_s``
-and ``decode_s`` are summed over the batch's threads.
+Small cached images are decoded in DataLoader worker processes
+(:class:`PackedProcessLoader`), large ones and streamed shards in threads
+(:class:`PackedThreadLoader`; streaming's whole-shard read-ahead lives in one process).
+Measured here (2 shared cores, ``benchmarks/bench_packed.py`` times both, interleaved):
+at 32x32 processes were ahead in six of eight comparisons, up to 1.8x (37,900 vs 21,200
+img/s), whenever other jobs oversubscribed the cores (a descheduled thread holding the
+GIL stalls the rest; processes also scale past the GIL's few microseconds of Python per
+image); at 512x512 threads reached 0.52-0.62 of the bare decode rate where one batch per
+worker reached 0.26 (few batches per epoch, 200 MB batches through shared memory).
+``bytes_read`` is the member bytes read; ``read_s`` and ``decode_s`` are summed over the
+batch's threads.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from shared.manifest import INDEX_FILE
 from shared.shards import ShardIndex
 
 _TJPF_RGB = 0
+THREADS_FROM_PIXELS = 128 * 128  # images this large decode in threads (see PackedLoader)
 # See node/loaders/file.py: torchvision.io is still the decoder measured here.
 warnings.filterwarnings("ignore", category=DeprecationWarning,
                         message="The image decoding and encoding capabilities of TorchVision")
@@ -342,28 +344,32 @@ class PackedThreadLoader(PackedProcessLoader):
 
 
 class PackedLoader(PackedThreadLoader):
-    """Packed shards: DataLoader workers for cached tars, threads when streaming.
+    """Packed shards: DataLoader workers for small cached images, threads otherwise.
 
-    Streaming needs one process: its whole-shard read-ahead feeds every batch.
+    Threads when streaming (its whole-shard read-ahead feeds every batch from one
+    process) and for images of :data:`THREADS_FROM_PIXELS` pixels or more, where a batch
+    split across threads beats one batch per worker and its trip through shared memory.
     """
 
-    def _streams(self) -> bool:
+    def _in_threads(self) -> bool:
         from shared.formats.base import is_url
 
-        return bool(self.config.shards) and is_url(self.config.shards[0].location)
+        h, w, _ = self.config.image_shape
+        streams = bool(self.config.shards) and is_url(self.config.shards[0].location)
+        return streams or h * w >= THREADS_FROM_PIXELS
 
     def resources(self) -> dict[str, int]:
-        if self._streams():
+        if self._in_threads():
             return PackedThreadLoader.resources(self)
         return WorkerLoader.resources(self)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        if self._streams():
+        if self._in_threads():
             return PackedThreadLoader.epoch(self, epoch)
         return WorkerLoader.epoch(self, epoch)
 
     def release(self) -> None:
-        if self._streams():
+        if self._in_threads():
             PackedThreadLoader.release(self)
         else:
             WorkerLoader.release(self)
