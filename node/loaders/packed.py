@@ -13,7 +13,7 @@ Small cached images are decoded in DataLoader worker processes
 (:class:`PackedProcessLoader`), large ones and streamed shards in threads
 (:class:`PackedThreadLoader`; streaming's whole-shard read-ahead lives in one process).
 Measured here (2 shared cores, ``benchmarks/bench_packed.py`` times both, interleaved):
-at 32x32 processes were ahead in six of eight comparisons, up to 1.8x (37,900 vs 21,200
+at 32x32 processes were ahead in seven of nine comparisons, up to 1.8x (37,900 vs 21,200
 img/s), whenever other jobs oversubscribed the cores (a descheduled thread holding the
 GIL stalls the rest; processes also scale past the GIL's few microseconds of Python per
 image); at 512x512 threads reached 0.52-0.62 of the bare decode rate where one batch per
