@@ -72,7 +72,7 @@ def resolve(config: RunConfig) -> RunPlan:
 def check_pair(loader_name: str, format_id: str, manifest: Manifest,
                no_cache: bool) -> tuple[type, Format]:
     """Validate loader, format and their fit; returns the loader class and format."""
-    from node.loaders import LOADERS
+    from node.loaders import LOADER_SPECS, LOADERS
 
     cls = loader_spec(loader_name).load()
     fmt = dataset_format(manifest, format_id)
@@ -84,9 +84,10 @@ def check_pair(loader_name: str, format_id: str, manifest: Manifest,
     reason = cls.unavailable_reason()
     if reason:
         raise UsageError(f"loader {loader_name!r} cannot run here: {reason}")
-    if no_cache and loader_name != "zarr":
-        raise UsageError("--no-cache reads straight from the store, which only the zarr "
-                         "loader supports")
+    if no_cache and not loader_spec(loader_name).streams:
+        streaming = [s.name for _, s in LOADER_SPECS.items() if s.streams]
+        raise UsageError(f"--no-cache reads straight from the store, which only the "
+                         f"{' and '.join(streaming)} loaders support")
     return cls, fmt
 
 

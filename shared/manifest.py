@@ -84,7 +84,8 @@ class FormatEntry:
     conversion_time_s: float
 
     def __post_init__(self) -> None:
-        _require(self.kind in ("files", "array"), "formats.kind", "must be 'files' or 'array'")
+        _require(self.kind in ("files", "array", "packed"), "formats.kind",
+                 "must be 'files', 'array' or 'packed'")
         _check_path(self.id, "formats.id")
 
     def split_shards(self, split: str) -> tuple[ShardEntry, ...]:

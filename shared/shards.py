@@ -38,6 +38,11 @@ STAGING_DIR = ".staging"  # local stores: shards are built here, then renamed in
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("label", pa.int64())])
 FILES_INDEX_SCHEMA = INDEX_SCHEMA.append(pa.field("file", pa.string())).append(
     pa.field("bytes", pa.int64())).append(pa.field("checksum", pa.string()))
+# Packed formats (FormatKind.PACKED) add each sample's member in the shard's archive: its
+# name, the offset and length of its data in the archive, and the checksum of that data.
+PACKED_INDEX_SCHEMA = pa.schema([*INDEX_SCHEMA, pa.field("member", pa.string()),
+                                 pa.field("offset", pa.int64()), pa.field("bytes", pa.int64()),
+                                 pa.field("checksum", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,8 @@ class ShardIndex:
     """A shard's index as typed columns (see :data:`INDEX_SCHEMA`).
 
     ``files``, ``sizes`` and ``checksums`` are None for formats without per-sample files
-    (``sizes`` also for indexes written before the ``bytes`` column existed).
+    (``sizes`` also for indexes written before the ``bytes`` column existed). Packed
+    formats have ``offsets`` (and ``sizes``, ``checksums``) of their members instead.
     """
 
     keys: tuple[str, ...]
@@ -53,6 +59,7 @@ class ShardIndex:
     files: tuple[str, ...] | None = None
     sizes: tuple[int, ...] | None = None
     checksums: tuple[str, ...] | None = None
+    offsets: tuple[int, ...] | None = None
 
     @classmethod
     def parse(cls, data: bytes | str | Path) -> "ShardIndex":
@@ -69,11 +76,12 @@ class ShardIndex:
         def column(name: str) -> tuple[Any, ...] | None:
             return tuple(table.column(name).to_pylist()) if name in names else None
 
-        files = column("file")
+        files, offsets = column("file"), column("offset")
+        per_sample = files is not None or offsets is not None
         return cls(keys=column("key") or (),
                    labels=np.asarray(table.column("label").to_numpy(), dtype=np.int64),
-                   files=files, sizes=column("bytes") if files is not None else None,
-                   checksums=column("checksum") if files is not None else None)
+                   files=files, sizes=column("bytes") if per_sample else None,
+                   checksums=column("checksum") if per_sample else None, offsets=offsets)
 
     def sample_files(self) -> list[tuple[str, str, int | None]]:
         """``(file, checksum, size)`` of each per-sample file (size None when unknown)."""
@@ -143,7 +151,8 @@ def _build_index(fmt: Format, stage: Path, split: str, index: int, keys: Sequenc
                  labels: np.ndarray, sample_files: Sequence[Any] | None
                  ) -> tuple[bytes, tuple[FileEntry, ...], int]:
     """The index bytes of a staged shard, its non-sample files, and its data bytes."""
-    listed = {s.file for s in sample_files or ()}
+    packed = fmt.kind is FormatKind.PACKED  # members live in the archive, not as files
+    listed = set() if packed else {s.file for s in sample_files or ()}
     extras = tuple(
         FileEntry(path=p.relative_to(stage).as_posix(), bytes=p.stat().st_size,
                   checksum=checksum_file(p))
@@ -158,7 +167,15 @@ def _build_index(fmt: Format, stage: Path, split: str, index: int, keys: Sequenc
         columns += [[s.file for s in sample_files], [s.bytes for s in sample_files],
                     [s.checksum for s in sample_files]]
         schema = FILES_INDEX_SCHEMA
-    data_bytes = sum(e.bytes for e in extras) + sum(s.bytes for s in sample_files or ())
+    elif packed:
+        if sample_files is None or len(sample_files) != len(keys):
+            raise RuntimeError(f"{fmt.id}: writer returned no member list")
+        columns += [[m.member for m in sample_files], [m.offset for m in sample_files],
+                    [m.bytes for m in sample_files], [m.checksum for m in sample_files]]
+        schema = PACKED_INDEX_SCHEMA
+    # A packed shard's members are inside its archive, which ``extras`` counts already.
+    data_bytes = sum(e.bytes for e in extras) + (
+        0 if packed else sum(s.bytes for s in sample_files or ()))
     meta = {"format": fmt.id, "split": split, "index": index, "data_bytes": data_bytes,
             "files": [{"path": e.path, "bytes": e.bytes, "checksum": e.checksum}
                       for e in extras]}

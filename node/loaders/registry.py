@@ -54,6 +54,7 @@ class LoaderSpec:
         reads: the formats it reads.
         summary: one line: the data path.
         requires: import names of the optional packages it needs (beyond torch).
+        streams: it can read straight from the store URL (``--no-cache``).
     """
 
     name: str
@@ -62,6 +63,7 @@ class LoaderSpec:
     reads: Reads
     summary: str
     requires: tuple[str, ...] = ()
+    streams: bool = False
 
     @property
     def formats_help(self) -> str:
@@ -131,7 +133,7 @@ LOADER_SPECS.register(LoaderSpec(
     "h5py, file opened per worker, batched reads", ("h5py",)))
 LOADER_SPECS.register(LoaderSpec(
     "zarr", "node.loaders.zarr_loader:ZarrLoader", "cpu", Reads(families=("zarr",)),
-    "zarr reads, from the cache or straight from the store URL", ("zarr",)))
+    "zarr reads, from the cache or straight from the store URL", ("zarr",), streams=True))
 LOADER_SPECS.register(LoaderSpec(
     "cupy", "node.loaders.cupy_loader:CupyLoader", "cuda", Reads(families=("npy",)),
     "whole shards into GPU memory with CuPy (pinned chunked copies, "
@@ -153,6 +155,11 @@ LOADER_SPECS.register(LoaderSpec(
     "nvjpeg", "node.loaders.nvjpeg:NvjpegLoader", "cuda", Reads(("files",), ("jpeg",)),
     "file bytes read by DataLoader workers, batch-decoded on the GPU "
     "by torchvision.io.decode_jpeg (nvJPEG)"))
+LOADER_SPECS.register(LoaderSpec(
+    "packed", "node.loaders.packed:PackedLoader", "cpu", Reads(kinds=("packed",)),
+    "positional reads of tar members (cache) or ranged GETs (streaming), batch decode "
+    "in DataLoader workers (cache) or threads (streaming), libturbojpeg for JPEG where "
+    "present", streams=True))
 LOADER_SPECS.register(LoaderSpec(
     "webdataset", "node.loaders.webdataset_loader:WebDatasetLoader", "cpu",
     Reads(kinds=("packed",)),

@@ -23,10 +23,12 @@ if TYPE_CHECKING:
 
 
 class FormatKind(str, Enum):
-    """``files``: one file per sample, listed in the index. ``array``: container files."""
+    """``files``: one file per sample, listed in the index. ``array``: container files.
+    ``packed``: one archive of per-sample members, each member's place in the index."""
 
     FILES = "files"
     ARRAY = "array"
+    PACKED = "packed"
 
 
 class UnknownFormat(ValueError):

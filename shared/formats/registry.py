@@ -3,7 +3,8 @@
 An entry is a factory of the format; fixed ids are registered under the id the built
 format reports, so no id is spelled twice. The quality families ``jpeg-qN``,
 ``jpeg-qN-444`` and ``webp-qN`` (N = 1..100, canonical spelling only) are registered
-as patterns. The CLI's choices, ``--formats all`` (:data:`CATALOG`) and the error
+as patterns, and so is every image codec's packed variant ``wds-<codec id>``
+(:mod:`shared.formats.wds`; the ``packed`` group). The CLI's choices, ``--formats all`` (:data:`CATALOG`) and the error
 messages all come from here.
 
 Adding a format is one module under ``shared/formats/`` and one :func:`register` line
@@ -25,6 +26,7 @@ from shared.formats.npy import NpyFormat
 from shared.formats.npy_files import NpyFilesFormat
 from shared.formats.png import PngFormat
 from shared.formats.tiff import TIFF_VARIANTS, TiffFormat
+from shared.formats.wds import PACKED_GROUP, PACKED_HELP, PACKED_PREFIX, packed_format, packed_ids
 from shared.formats.webp import WebpFormat
 from shared.formats.zarr_format import ZarrFormat
 from shared.registry import Registry
@@ -43,7 +45,8 @@ class FormatRegistry(Registry[FormatFactory]):
     def help(self) -> str:
         fixed = [i for i in self.names() if i not in self.catalog]
         families = [f.help for f in self._families]
-        return ", ".join([*self.catalog, *fixed, *families]) + ", or 'all' (the catalog)"
+        return (", ".join([*self.catalog, *fixed, *families])
+                + f", or 'all' (the catalog) or '{PACKED_GROUP}' (its image codecs packed)")
 
     def unknown_message(self, name: str) -> str:
         return f"unknown format {name!r}; valid: {self.help()}"
@@ -90,6 +93,8 @@ register(partial(ZarrFormat, zstd=True))
 register_quality_family("jpeg-q", "", JpegFormat)
 register_quality_family("jpeg-q", "-444", lambda n: JpegFormat(n, "4:4:4"))
 register_quality_family("webp-q", "", WebpFormat)
+FORMATS.family(re.escape(PACKED_PREFIX) + r".+",
+               lambda match: partial(packed_format, match[0], get_format), help=PACKED_HELP)
 
 CATALOG: tuple[str, ...] = tuple(FORMATS.catalog)
 
@@ -111,6 +116,7 @@ def get_format(format_id: str) -> Format:
 def chroma_subsampling(fmt: Format) -> str:
     """The chroma subsampling of what ``fmt`` stores: ``4:2:0`` for JPEG's default and
     lossy WebP (VP8 always subsamples), ``4:4:4`` for everything that keeps full chroma."""
+    fmt = getattr(fmt, "codec", fmt)  # a packed format stores its codec's files
     if fmt.family == "jpeg":
         return str(fmt.params.get("subsampling", "4:2:0"))
     if fmt.family == "webp" and not fmt.lossless:
@@ -119,7 +125,8 @@ def chroma_subsampling(fmt: Format) -> str:
 
 
 def parse_format_list(text: str) -> list[Format]:
-    """Formats named by a comma-separated list; ``all`` means the catalog.
+    """Formats named by a comma-separated list; ``all`` means the catalog, ``packed`` the
+    packed variants of its image codecs.
 
     Repeats are dropped, first occurrence kept.
 
@@ -129,14 +136,27 @@ def parse_format_list(text: str) -> list[Format]:
     ids: list[str] = []
     for token in (t.strip() for t in text.split(",")):
         if token:
-            ids.extend(CATALOG if token == "all" else [token])
+            ids.extend(CATALOG if token == "all" else packed_ids(CATALOG, get_format)
+                       if token == PACKED_GROUP else [token])
     if not ids:
         raise UnknownFormat(f"no format given; valid: {format_id_help()}")
-    unknown = [i for i in dict.fromkeys(ids) if i not in FORMATS]
+    formats: dict[str, Format] = {}
+    unknown = []
+    for format_id in dict.fromkeys(ids):
+        try:
+            formats[format_id] = get_format(format_id)
+        except UnknownFormat:  # a packed id is known only once its codec is resolved
+            unknown.append(format_id)
     if unknown:
         names = ", ".join(repr(u) for u in unknown)
         raise UnknownFormat(f"unknown format {names}; valid: {format_id_help()}")
-    return [get_format(i) for i in dict.fromkeys(ids)]
+    return list(formats.values())
+
+
+def registered_ids() -> tuple[str, ...]:
+    """Every fixed id, then the packed variant of each catalog image codec: the ids the
+    loader table and the loader contract test go through."""
+    return (*FORMATS, *packed_ids(FORMATS.catalog, get_format))
 
 
 def formats_help(accepts: Callable[[Format], bool]) -> str:
@@ -144,7 +164,7 @@ def formats_help(accepts: Callable[[Format], bool]) -> str:
     per codec family: the id where the family has one (``png``), else a glob of the
     family's ids (``jpeg-*``, ``tiff*``). For the loader table and its refusals."""
     families: dict[str, list[str]] = {}
-    for format_id in FORMATS:
+    for format_id in registered_ids():
         fmt = get_format(format_id)
         if accepts(fmt):
             families.setdefault(fmt.family, []).append(format_id)

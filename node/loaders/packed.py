@@ -1,0 +1,370 @@
+"""``packed``: samples of packed shards (``wds-*``) read by offset and batch-decoded.
+
+The shard's index says where each sample's member lies in ``samples.tar``; a batch is
+sorted by shard and offset (and, in threads, split into one chunk per thread); each
+worker or thread reads its members with ``os.preadv`` on the cached tar (or takes them from the store
+URL, see :mod:`node.loaders.packed_io`) and decodes them straight into the batch buffer.
+JPEG goes through libturbojpeg by ctypes when the system has it (one foreign call per
+image, which releases the GIL, into the batch's own memory: no tensor per image, no
+stack copy), else torchvision.io; PNG and WebP through torchvision.io, the rest through
+the codec's own (Pillow) decoder.
+
+Small cached images are decoded in DataLoader worker processes
+(:class:`PackedProcessLoader`), large ones and streamed shards in threads
+(:class:`PackedThreadLoader`; streaming's whole-shard read-ahead lives in one process).
+Measured here (2 shared cores, ``benchmarks/bench_packed.py`` times both, interleaved):
+at 32x32 processes were ahead in seven of nine comparisons, up to 1.8x (37,900 vs 21,200
+img/s), whenever other jobs oversubscribed the cores (a descheduled thread holding the
+GIL stalls the rest; processes also scale past the GIL's few microseconds of Python per
+image); at 512x512 threads reached 0.52-0.62 of the bare decode rate where one batch per
+worker reached 0.26 (few batches per epoch, 200 MB batches through shared memory).
+``bytes_read`` is the member bytes read; ``read_s`` and ``decode_s`` are summed over the
+batch's threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg, decode_png, decode_webp
+
+from node.loaders.base import Batch, LoaderConfig
+from node.loaders.common import BatchReader, HostBatch, WorkerLoader
+from node.loaders.numpy_mmap import _Staging
+from node.loaders.packed_io import open_source
+from shared.formats import Format, FormatKind
+from shared.formats.wds import TAR_NAME
+from shared.manifest import INDEX_FILE
+from shared.shards import ShardIndex
+
+_TJPF_RGB = 0
+THREADS_FROM_PIXELS = 128 * 128  # images this large decode in threads (see PackedLoader)
+# See node/loaders/file.py: torchvision.io is still the decoder measured here.
+warnings.filterwarnings("ignore", category=DeprecationWarning,
+                        message="The image decoding and encoding capabilities of TorchVision")
+_TORCHVISION_DECODERS = {"jpeg": decode_jpeg, "png": decode_png, "webp": decode_webp}
+
+
+class _TurboJpeg:
+    """libturbojpeg through ctypes: decode one JPEG into given memory, GIL released."""
+
+    def __init__(self, path: str) -> None:
+        lib = ctypes.CDLL(path)
+        lib.tjInitDecompress.restype = ctypes.c_void_p
+        lib.tjDestroy.argtypes = [ctypes.c_void_p]
+        lib.tjGetErrorStr2.restype = ctypes.c_char_p
+        lib.tjGetErrorStr2.argtypes = [ctypes.c_void_p]
+        int_p = ctypes.POINTER(ctypes.c_int)
+        lib.tjDecompressHeader3.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ulong,
+                                            int_p, int_p, int_p, int_p]
+        lib.tjDecompress2.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ulong,
+                                      ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                      ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        self.lib = lib
+        self.path = path
+        self._local = threading.local()
+        self._handles: list[int] = []
+        self._lock = threading.Lock()
+
+    def _state(self) -> Any:
+        state = getattr(self._local, "state", None)
+        if state is None:
+            handle = self.lib.tjInitDecompress()
+            if not handle:
+                raise RuntimeError(f"{self.path}: tjInitDecompress failed")
+            with self._lock:
+                self._handles.append(handle)
+            state = self._local.state = (handle, *(ctypes.c_int() for _ in range(4)))
+        return state
+
+    def decode_into(self, src: int, size: int, dst: int, height: int, width: int) -> None:
+        """Decode the JPEG at address ``src`` into RGB rows at ``dst``.
+
+        Raises:
+            ValueError: not a JPEG of exactly ``height`` x ``width``.
+        """
+        handle, w, h, sub, space = self._state()
+        lib = self.lib
+        if lib.tjDecompressHeader3(handle, src, size, w, h, sub, space) != 0:
+            raise ValueError(f"not a JPEG: {lib.tjGetErrorStr2(handle).decode()}")
+        if (h.value, w.value) != (height, width):
+            raise ValueError(f"decoded to shape ({h.value}, {w.value}, 3), the dataset's "
+                             f"images are ({height}, {width}, 3)")
+        if lib.tjDecompress2(handle, src, size, dst, width, 0, height, _TJPF_RGB, 0) != 0:
+            raise ValueError(f"corrupt JPEG: {lib.tjGetErrorStr2(handle).decode()}")
+
+    def close(self) -> None:
+        with self._lock:
+            handles, self._handles = self._handles, []
+        for handle in handles:
+            self.lib.tjDestroy(handle)
+        self._local = threading.local()
+
+
+@functools.cache
+def turbojpeg_path() -> str | None:
+    """The system's libturbojpeg, or None (then JPEG decodes through torchvision.io)."""
+    return ctypes.util.find_library("turbojpeg")
+
+
+class _Shard(NamedTuple):
+    """Where one shard's members are: its tar, and each sample's data offset and size."""
+
+    location: str
+    offsets: np.ndarray  # int64, per sample of the whole shard
+    sizes: np.ndarray
+
+
+def _read_shard(location: str, storage_options: dict[str, Any]) -> _Shard:
+    """A shard's member table, from the ``index.parquet`` beside its tar."""
+    from shared.formats.base import is_url
+    from shared.storage import Store
+
+    if is_url(location):
+        data = Store.open(location, storage_options).read_bytes(INDEX_FILE)
+    else:
+        with open(os.path.join(location, INDEX_FILE), "rb") as f:
+            data = f.read()
+    index = ShardIndex.parse(data)
+    if index.offsets is None or index.sizes is None:
+        raise ValueError(f"{location}/{INDEX_FILE}: no member offsets (not a packed shard)")
+    return _Shard(location, np.asarray(index.offsets, np.int64), np.asarray(index.sizes, np.int64))
+
+
+class PackedBatchReader(BatchReader):
+    """Reads and decodes the members at given rank positions (any process, any thread)."""
+
+    def __init__(self, config: LoaderConfig) -> None:
+        super().__init__(config)
+        fmt = config.fmt
+        if fmt.kind is not FormatKind.PACKED:
+            raise ValueError(f"packed loader: {fmt.id} is not a packed format")
+        self.fmt = fmt
+        self.codec = fmt.codec  # type: ignore[attr-defined]
+        options = dict(config.storage_options)
+        self.shards = [_read_shard(s.location, options) for s in config.shards]
+        for s, shard in zip(config.shards, self.shards, strict=True):
+            if len(shard.offsets) < s.stop:
+                raise ValueError(f"{s.location}: index lists {len(shard.offsets)} members, "
+                                 f"the rank reads up to {s.stop}")
+        self.source = open_source(self.shards, options)
+        path = turbojpeg_path() if self.codec.family == "jpeg" else None
+        self.turbo = _TurboJpeg(path) if path else None
+
+    @property
+    def decoder(self) -> str:
+        """Which decoder this reader uses, for ``io_evidence``."""
+        if self.turbo is not None:
+            return f"libturbojpeg ({os.path.basename(self.turbo.path)}, ctypes)"
+        return "torchvision.io" if self.codec.family in _TORCHVISION_DECODERS else "Pillow"
+
+    def plan(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The positions sorted by (shard, offset), with their shard numbers and indices."""
+        positions = np.sort(positions)  # rank order is shard order, then shard index
+        shard_no, index = self.shard_map.locate(positions)
+        return positions, shard_no, index
+
+    def fill(self, out: np.ndarray, shard_no: np.ndarray,
+             index: np.ndarray) -> tuple[int, float, float]:
+        """Read and decode the given members into ``out`` (one row each), in order.
+
+        Returns:
+            ``(bytes read, read seconds, decode seconds)``.
+        """
+        t0 = time.perf_counter()
+        buf, starts, sizes = self.source.read(shard_no, index)
+        t1 = time.perf_counter()
+        h, w, c = self.image_shape
+        if self.turbo is not None and c == 3:
+            src, dst, step = buf.ctypes.data, out.ctypes.data, h * w * c
+            decode = self.turbo.decode_into
+            for k, (start, size) in enumerate(zip(starts.tolist(), sizes.tolist())):
+                decode(src + start, size, dst + k * step, h, w)
+        else:
+            for k, (start, size) in enumerate(zip(starts.tolist(), sizes.tolist())):
+                out[k] = self._decode_one(buf[start:start + size])
+        return int(sizes.sum()), t1 - t0, time.perf_counter() - t1
+
+    def _decode_one(self, data: np.ndarray) -> np.ndarray:
+        decode = _TORCHVISION_DECODERS.get(self.codec.family)
+        if decode is not None:
+            chw = decode(torch.from_numpy(data), mode=ImageReadMode.RGB)
+            image = chw.permute(1, 2, 0).numpy()
+        else:
+            image = self.codec.decode(data.tobytes())
+        if image.shape != self.image_shape:
+            raise ValueError(f"decoded to shape {image.shape}, the dataset's images are "
+                             f"{self.image_shape}")
+        return image
+
+    def read(self, positions: np.ndarray) -> HostBatch:
+        """A whole batch in this process (the DataLoader-worker variant)."""
+        positions, shard_no, index = self.plan(positions)
+        images = self.empty_images(len(positions))
+        nbytes, read_s, decode_s = self.fill(images.numpy(), shard_no, index)
+        return self.host_batch(images, positions, nbytes, read_s=read_s, decode_s=decode_s)
+
+    def close(self) -> None:
+        self.source.close()
+        if self.turbo is not None:
+            self.turbo.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # ctypes handles do not cross processes: each worker loads the library again.
+        state = {**self.__dict__, "turbo": None}
+        state["_turbo_path"] = self.turbo.path if self.turbo is not None else None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        path = state.pop("_turbo_path")
+        self.__dict__.update(state)
+        self.turbo = _TurboJpeg(path) if path else None
+
+
+class PackedProcessLoader(WorkerLoader):
+    """The reader in DataLoader worker processes, one whole batch per fetch."""
+
+    name: ClassVar[str] = "packed"
+    summary: ClassVar[str] = ("positional reads of tar members (cache) or ranged GETs "
+                              "(streaming), batch decode in DataLoader workers (cache) or "
+                              "threads (streaming), libturbojpeg for JPEG where present")
+
+    def make_reader(self) -> PackedBatchReader:
+        reader = PackedBatchReader(self.config)
+        self.io_evidence = _evidence(reader, f"{self.config.workers} DataLoader workers")
+        return reader
+
+
+def _evidence(reader: PackedBatchReader, where: str) -> str:
+    how = ("ranged GETs from the store URL" if reader.source.remote
+           else "os.preadv of members of the cached tar")
+    return f"host: {how} into host memory, decoded by {reader.decoder} in {where}"
+
+
+class PackedThreadLoader(PackedProcessLoader):
+    """The reader in a pool of threads of this process.
+
+    ``workers`` threads read and decode (0: the main thread does); two batches are in
+    flight, each split into one chunk per thread.
+    """
+
+    def __init__(self, config: LoaderConfig) -> None:
+        super().__init__(config)
+        self._pool: ThreadPoolExecutor | None = None
+        self.io_evidence = ""
+
+    def resources(self) -> dict[str, int]:
+        return {"threads": max(1, self.config.workers), "processes": 0}
+
+    def _chunk(self, reader: PackedBatchReader, host: torch.Tensor, part: slice,
+               shard_no: np.ndarray, index: np.ndarray) -> tuple[int, float, float]:
+        return reader.fill(host.numpy()[part], shard_no[part], index[part])
+
+    def _submit(self, reader: PackedBatchReader, batch: np.ndarray, seq: int,
+                staging: _Staging) -> tuple[Any, ...]:
+        positions, shard_no, index = reader.plan(batch)
+        host = staging.buffer(len(positions), seq)
+        threads = max(1, self.config.workers)
+        edges = np.linspace(0, len(positions), threads + 1).astype(int).tolist()
+        parts = [slice(lo, hi) for lo, hi in zip(edges, edges[1:]) if hi > lo]
+        if self._pool is None:
+            done: Future[tuple[int, float, float]] = Future()
+            done.set_result(self._chunk(reader, host, slice(None), shard_no, index))
+            return host, positions, [done]
+        return host, positions, [self._pool.submit(self._chunk, reader, host, p, shard_no,
+                                                   index) for p in parts]
+
+    def _finish(self, reader: PackedBatchReader, pending: tuple[Any, ...], seq: int,
+                staging: _Staging) -> Batch:
+        host, positions, futures = pending
+        figures = np.array([f.result() for f in futures], dtype=np.float64).sum(axis=0)
+        labels = torch.from_numpy(reader.shard_map.labels[positions])
+        images, labels, h2d_s = staging.publish(host, labels, seq)
+        return Batch(images=images, labels=labels, positions=torch.from_numpy(positions),
+                     bytes_read=int(figures[0]), read_s=float(figures[1]),
+                     decode_s=float(figures[2]), h2d_s=h2d_s)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        if self._reader is None:
+            self._reader = self.make_reader()
+            where = (f"{self.config.workers} threads" if self.config.workers > 0
+                     else "the main thread")
+            self.io_evidence = _evidence(self._reader, where)
+        if self._pool is None and self.config.workers > 0:
+            self._pool = ThreadPoolExecutor(self.config.workers, thread_name_prefix="packed")
+        reader, batches = self._reader, self.batches(epoch)
+        reader.source.start_epoch(reader.shard_map, batches)
+        # Batch seq is submitted only after batch seq - depth - 1 was published, so a
+        # ring of depth + 1 pinned slots never refills a slot whose copy is queued.
+        depth = 2 if self._pool is not None else 0
+        staging = _Staging(self.config, slots=depth + 2)
+        pending: deque[tuple[Any, ...]] = deque()
+        try:
+            for seq, batch in enumerate(batches):
+                pending.append(self._submit(reader, batch, seq, staging))
+                if len(pending) > depth:
+                    yield self._finish(reader, pending.popleft(), seq - depth, staging)
+            done = len(batches) - len(pending)
+            while pending:
+                yield self._finish(reader, pending.popleft(), done, staging)
+                done += 1
+        finally:
+            for item in pending:  # an abandoned epoch: let its reads finish first
+                for future in item[2]:
+                    future.exception()
+            reader.source.end_epoch()
+
+    def release(self) -> None:
+        """Close the cached tars' descriptors (and drop streamed shards); reopened lazily."""
+        if self._reader is not None:
+            self._reader.close()
+
+    def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        super().close()
+
+
+class PackedLoader(PackedThreadLoader):
+    """Packed shards: DataLoader workers for small cached images, threads otherwise.
+
+    Threads when streaming (its whole-shard read-ahead feeds every batch from one
+    process) and for images of :data:`THREADS_FROM_PIXELS` pixels or more, where a batch
+    split across threads beats one batch per worker and its trip through shared memory.
+    """
+
+    def _in_threads(self) -> bool:
+        from shared.formats.base import is_url
+
+        h, w, _ = self.config.image_shape
+        streams = bool(self.config.shards) and is_url(self.config.shards[0].location)
+        return streams or h * w >= THREADS_FROM_PIXELS
+
+    def resources(self) -> dict[str, int]:
+        if self._in_threads():
+            return PackedThreadLoader.resources(self)
+        return WorkerLoader.resources(self)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        if self._in_threads():
+            return PackedThreadLoader.epoch(self, epoch)
+        return WorkerLoader.epoch(self, epoch)
+
+    def release(self) -> None:
+        if self._in_threads():
+            PackedThreadLoader.release(self)
+        else:
+            WorkerLoader.release(self)
