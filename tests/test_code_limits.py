@@ -112,7 +112,8 @@ def test_product_code_keeps_the_size_limits() -> None:
 
 def test_every_allowed_exception_is_still_needed() -> None:
     found = {(f.kind, f.where): f for f in _all_figures()}
-    stale = [f"{kind} {where}: " + (found[kind, where].describe() if (kind, where) in found else "gone")
+    stale = [f"{kind} {where}: "
+             + (found[kind, where].describe() if (kind, where) in found else "gone")
              for kind, where in ALLOWED
              if (kind, where) not in found or found[kind, where].value <= found[kind, where].limit]
     assert not stale, "allow-list entries no longer needed (remove them):\n" + "\n".join(stale)
