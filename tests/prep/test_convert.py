@@ -964,6 +964,8 @@ BAD_FLAGS = [
     (["--storage-options", "[1]"], "--storage-options"),
     (["--storage-options", "@/no/such/file.json"], "--storage-options"),
     (["--src"], "--src"), (["--bogus", "1"], "--bogus"),
+    (["--plan", "--plan-sample", "0"], "--plan-sample"), (["--plan-cores", "2"], "--plan"),
+    (["--plan", "--plan-cores", "x"], "--plan-cores"), (["--plan-sample", "3"], "--plan"),
 ]
 
 
