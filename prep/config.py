@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from prep.estimate import DEFAULT_PLAN_SAMPLE
 from prep.sources import SOURCES, Source
 from shared.formats import Format, UnknownFormat, format_id_help, parse_format_list
 from shared.storage import STORAGE_OPTIONS_ENV
@@ -85,6 +86,34 @@ class ConversionConfig:
 
 
 @dataclass(frozen=True)
+class PlanRequest:
+    """``--plan``: print the shard plan and an estimate of its cost; convert nothing.
+
+    Attributes:
+        sample: Inputs to read, decode, resize and encode for the estimate.
+        cores: Cores to project the wall time to (None: the Ray cluster's CPUs).
+    """
+
+    sample: int = DEFAULT_PLAN_SAMPLE
+    cores: int | None = None
+
+    @classmethod
+    def from_params(cls, p: Mapping[str, Any]) -> PlanRequest | None:
+        """The request of ``--plan`` (None without it); its flags alone are refused.
+
+        Raises:
+            UsageError: ``--plan-sample`` or ``--plan-cores`` without ``--plan``.
+        """
+        if not p["plan"]:
+            for flag in ("plan_sample", "plan_cores"):
+                if p[flag] is not None:
+                    raise UsageError(f"--{flag.replace('_', '-')} goes with --plan "
+                                     "(see --help)")
+            return None
+        return cls(p["plan_sample"] or DEFAULT_PLAN_SAMPLE, p["plan_cores"])
+
+
+@dataclass(frozen=True)
 class ConvertConfig:
     """One conversion job, as the command line asked for it.
 
@@ -93,6 +122,7 @@ class ConvertConfig:
             by the driver, which also hands the text to Ray tasks without its secrets.
         address: Ray cluster to join; ``inline`` runs the tasks in this process.
         debug: Show tracebacks.
+        plan: ``--plan``: estimate only, write nothing (None: convert).
     """
 
     source: SourceConfig
@@ -101,6 +131,7 @@ class ConvertConfig:
     storage_options: str | None = None
     address: str | None = None
     debug: bool = False
+    plan: PlanRequest | None = None
 
     @classmethod
     def from_params(cls, p: Mapping[str, Any]) -> ConvertConfig:
@@ -110,7 +141,8 @@ class ConvertConfig:
             output=OutputConfig(p["dst"], p["name"] or p["source"], p["results"]),
             conversion=ConversionConfig(p["formats"], p["size"], p["shard_samples"], p["seed"],
                                         p["limit"], p["max_rejects"]),
-            storage_options=p["storage_options"], address=p["address"], debug=p["debug"])
+            storage_options=p["storage_options"], address=p["address"], debug=p["debug"],
+            plan=PlanRequest.from_params(p))
 
 
 class _Fraction(click.ParamType):
@@ -172,6 +204,14 @@ _POSITIVE, _NONNEG = click.IntRange(min=1), click.IntRange(min=0)
 @click.option("--address", metavar="RAY_ADDRESS",
               help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray); "
                    "'inline' runs the tasks in this process without Ray")
+@click.option("--plan", is_flag=True,
+              help="print the shard plan, the formats and an estimate of wall time and "
+                   "bytes from a sample of inputs, then exit; writes nothing")
+@click.option("--plan-sample", type=_POSITIVE, metavar="N",
+              help=f"--plan: inputs to convert for the estimate (default: {DEFAULT_PLAN_SAMPLE})")
+@click.option("--plan-cores", type=_POSITIVE, metavar="N",
+              help="--plan: cores to project the wall time to (default: the Ray "
+                   "cluster's CPUs; 1 with --address inline)")
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def command(**params: Any) -> ConvertConfig:
     """Convert a raw image dataset into every storage format (a Ray job)."""

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prep.config import (DEFAULT_MAX_REJECTS, ConvertConfig, HelpShown,  # noqa: F401
-                         UsageError, parse_config)
+                         PlanRequest, UsageError, parse_config)
 from prep.conversions import (PENDING_DIR, conversion_rows, deliver_conversions,
                               hold_conversions, report)
 from prep.executors import make_executor
@@ -66,15 +66,7 @@ class Planned:
 
 def run(config: ConvertConfig) -> Manifest:
     """Plan, convert and commit; returns the committed manifest."""
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    options = parse_storage_options(config.storage_options)
-    _warn_recorded_secret(config.storage_options, options, console)
-    if config.source.source_class.needs_size() and config.conversion.size is None:
-        raise UsageError(f"--size is required for --source {config.source.kind}")
-    check_outputs(config, options)
-    planned = plan(config, options, console)
+    options, console, planned = _prepare(config)
     kill_point("plan")
 
     name, formats = config.output.name, config.conversion.formats
@@ -104,6 +96,52 @@ def run(config: ConvertConfig) -> Manifest:
         if config.output.results:
             deliver_conversions(dst, name, Store.open(config.output.results, options))
     return manifest
+
+
+def show_plan(config: ConvertConfig) -> Planned:
+    """``--plan``: the shard plan, the formats and the estimated cost, on stdout; the
+    store is only read (never a lock, a staging folder or a reject written)."""
+    from prep.estimate import measure_sample, print_estimate, project, sample_items, shard_lines
+    from prep.executors import cluster_cpus
+    from shared.progress import stdout_console
+
+    request = config.plan or PlanRequest()
+    _, console, planned = _prepare(config)
+    out = stdout_console()
+    items = [item for p in planned.plans for item in p.items]
+    formats = config.conversion.formats
+    out.print(f"plan: {config.source.kind} {redact_url(config.source.url)} -> "
+              f"{redact_url(config.output.dst)} as {config.output.name!r}, "
+              f"{planned.size}x{planned.size}, {len(items):,} samples in "
+              f"{len(planned.plans)} shards of up to {planned.shard_samples}")
+    for line in shard_lines(planned.plans):
+        out.print(f"  {line}")
+    out.print(f"formats: {', '.join(f.id for f in formats)}")
+    cores = request.cores or cluster_cpus(config.address)
+    cost = measure_sample(planned.source, sample_items(items, request.sample),
+                          formats, planned.size)
+    if not cost.accepted:
+        key, reason = cost.rejects[0]
+        raise UsageError(f"--plan: all {cost.inputs} sampled inputs were rejected "
+                         f"(first: {key}: {reason}); nothing to estimate from")
+    print_estimate(out, project(cost, inputs=len(items), shards=len(planned.plans),
+                                cores=cores), cost)
+    console.print("[dim]--plan: nothing converted, nothing written[/dim]")
+    return planned
+
+
+def _prepare(config: ConvertConfig) -> tuple[dict, Any, Planned]:
+    """What converting and planning both do first: the storage options, the checks of
+    flags and outputs (before any work), and the source listed into a shard plan."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    options = parse_storage_options(config.storage_options)
+    _warn_recorded_secret(config.storage_options, options, console)
+    if config.source.source_class.needs_size() and config.conversion.size is None:
+        raise UsageError(f"--size is required for --source {config.source.kind}")
+    check_outputs(config, options)
+    return options, console, plan(config, options, console)
 
 
 def plan(config: ConvertConfig, options: dict, console: Any) -> Planned:
@@ -258,7 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(False, exc)
         return 2
     try:
-        run(config)
+        if config.plan is not None:
+            show_plan(config)
+        else:
+            run(config)
         return 0
     except (UsageError, SourceError, UnknownFormat, BadStorageOptions, DatasetBusy,
             FileNotFoundError) as exc:

@@ -109,3 +109,19 @@ def ray_task_options(text: str, options: dict) -> dict[str, Any]:
     else:
         options_from = ""
     return {"storage_options": public_options(options), "options_from": options_from}
+
+
+def cluster_cpus(address: str | None) -> int:
+    """The CPUs shard tasks would run on: 1 inline; a joined cluster's (asked of Ray,
+    then left); else this machine's, which a local Ray would get (none is started)."""
+    if address == "inline":
+        return 1
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        return os.cpu_count() or 1
+    import ray
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    try:
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    finally:
+        ray.shutdown()

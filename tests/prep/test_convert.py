@@ -715,6 +715,21 @@ def test_standalone_run_joins_head(ray_head: Any, cifar: datagen.GeneratedCifar,
 
 
 @pytest.mark.slow
+def test_plan_asks_the_joined_cluster_for_its_cpus(ray_head: Any, cifar: datagen.GeneratedCifar,
+                                                   tmp_path: Path) -> None:
+    """``--plan`` on a cluster projects to its CPUs (the head has 2) and writes nothing."""
+    store = tmp_path / "store"
+    before = _driver_logs(ray_head)
+    proc = run_cli(cifar_args(cifar.path, store, "png,npy", "--plan", "--address",
+                              f"127.0.0.1:{ray_head.gcs_port}"), env=ray_head.env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "from 16 sampled inputs, 2 cores" in proc.stdout
+    # This machine may have 2 CPUs too: that the cluster was asked shows in its logs.
+    assert _driver_logs(ray_head) - before, "the plan did not ask the running head"
+    assert not store.exists()
+
+
+@pytest.mark.slow
 def test_ray_worker_killed_mid_task_is_retried(ray_head: Any, tmp_path: Path) -> None:
     """SIGKILL of a Ray worker while it converts a shard: Ray retries the task, the
     retry cleans the half-written shard, and every sample ends up exactly once."""
@@ -964,6 +979,8 @@ BAD_FLAGS = [
     (["--storage-options", "[1]"], "--storage-options"),
     (["--storage-options", "@/no/such/file.json"], "--storage-options"),
     (["--src"], "--src"), (["--bogus", "1"], "--bogus"),
+    (["--plan", "--plan-sample", "0"], "--plan-sample"), (["--plan-cores", "2"], "--plan"),
+    (["--plan", "--plan-cores", "x"], "--plan-cores"), (["--plan-sample", "3"], "--plan"),
 ]
 
 
