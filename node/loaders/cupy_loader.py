@@ -58,6 +58,8 @@ from node.loaders.gpu import (
     vram_reason,
 )
 from node.loaders.kvikio_loader import io_threads, without_direct_io
+from node.loaders.staging import CUPY_CHUNK_BYTES as CHUNK_BYTES
+from node.loaders.staging import check_host_staging, cupy_bound
 from node.loaders.window import (
     CAP_ENV,
     WINDOWED,
@@ -72,7 +74,6 @@ from node.loaders.window import (
 from shared.formats import Format
 from shared.formats.npy import IMAGES_FILE, npy_layout
 
-CHUNK_BYTES = 64 << 20
 MIB = 1 << 20
 # VRAM left free for the model, its activations and the optimiser: a floor, not an
 # estimate (batch and image size decide the real need; running out later is a failed
@@ -151,6 +152,7 @@ class CupyLoader(Loader):
                                      batch_size=c.batch_size, spare_bytes=spare, cap_bytes=cap)
         if residency is None:
             raise LoaderUnavailable(self._refusal(free, others, cap))
+        check_host_staging(self.name, cupy_bound(self.data_bytes))
         self.residency = residency
         _PENDING[id(self)] = residency.vram_bytes
 
