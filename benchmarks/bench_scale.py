@@ -270,9 +270,10 @@ def bench_prep(args: argparse.Namespace, work: Path) -> tuple[list[Check], Path]
           f"on {os.cpu_count()} CPUs")
     print(f"peak worker memory (VmHWM): {peaks[n1] / MIB:.0f} MiB at {n1} photos, "
           f"{peaks[n2] / MIB:.0f} MiB at {n2} photos ({args.shard_samples} per shard)")
+    store_bytes = sum(projection.store_bytes.values())
     print(f"projection: {projection.photos} photos on {projection.cores} cores: "
-          f"{projection.wall_s / 3600:.2f} h, store "
-          f"{sum(projection.store_bytes.values()) / (1 << 30):.0f} GiB (all formats)")
+          f"{projection.wall_s / 3600:.2f} h, store {store_bytes / (1 << 30):.0f} GiB (all "
+          f"formats), written at {store_bytes / projection.wall_s / 1e6:.0f} MB/s on average")
     checks = [
         Check("decode once, encode many (Ray)", ratio, DECODE_LIMIT, "<=",
               f"{n1}->{n2} photos -> {args.size}, {len(table)} formats: job "

@@ -1,7 +1,8 @@
 """The node side of benchmarks/bench_scale.py: ``node-agent cache`` and ``bench`` at 512 px.
 
 For each (loader, format) pair: the cache fill's time and bytes, then ``node-agent
-bench`` (loader alone, CPU) over a grid of batch sizes and worker counts, reading each
+bench`` (loader alone, CPU) at each batch size with the fewest workers and at each
+worker count with the smallest batch, reading each
 run's ``throughput_img_s`` and ``peak_ram_bytes`` from the results store, printed next
 to the loader's host staging bound (node/loaders/staging.py) and with how the peak grows
 from the smallest to the largest batch and from none to the most workers.
@@ -64,7 +65,8 @@ def bench_node(store: Path, work: Path, args: argparse.Namespace) -> None:
 
     batches = [int(b) for b in args.node_batches.split(",")]
     workers = [int(w) for w in args.node_workers.split(",")]
-    grid = [(b, w) for b in batches for w in workers]
+    # growth with the batch at the fewest workers, with workers at the smallest batch
+    grid = sorted({(b, min(workers)) for b in batches} | {(min(batches), w) for w in workers})
     results = work / "node-results"
     shutil.rmtree(results, ignore_errors=True)
     for loader, fmt in PAIRS:

@@ -117,6 +117,7 @@ class CupyLoader(Loader):
         self._staging: tuple[list[np.ndarray], Any] | None = None  # pinned buffers, stream
         self._pool: ThreadPoolExecutor | None = None  # windowed: the loader thread
         self._inflight: list[Future[None]] = []
+        self._gathered: Any = None  # windowed: CUDA event after the latest gathers
 
     @classmethod
     def supports(cls, fmt: Format) -> bool:
@@ -334,7 +335,7 @@ class CupyLoader(Loader):
         device, schedule = self.config.device, self._schedule(epoch)
         rows = torch.from_numpy(schedule.rows)
         loads: dict[int, Future[None]] = {}
-        gathered: Any = None  # CUDA event after the latest batch's gathers
+        gathered = self._gathered  # CUDA event after the latest batch's gathers, any epoch
         for kind, k in schedule.steps:
             if kind == "load":
                 loads[k] = self._pool.submit(self._load_block, schedule.blocks[k], gathered,
@@ -347,7 +348,7 @@ class CupyLoader(Loader):
             pos = torch.from_numpy(schedule.batches[k])
             images = self._images[rows[pos].to(device, non_blocking=True)]
             labels = self._labels[pos.to(device, non_blocking=True)]
-            gathered = torch.cuda.Event()
+            gathered = self._gathered = torch.cuda.Event()
             gathered.record()
             yield Batch(images=images, labels=labels, positions=pos,
                         bytes_read=len(pos) * self.sample_bytes)
