@@ -29,7 +29,7 @@ Definitions (docs/at-scale.md):
   Ray scales over cores (benchmarks/bench_convert.py checks 1 -> 2 CPUs);
   store size = bytes per image x N per format.
 
-    python benchmarks/bench_scale.py [--images 200] [--counts 50,100] [--project-cores 64]
+    python benchmarks/bench_scale.py [--images 200] [--counts 40,80] [--project-cores 64]
                                      [--skip-node] [--work DIR]
 """
 
@@ -290,8 +290,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=200, help="photos generated")
     p.add_argument("--counts", default=None,
-                   help="N1,N2: the two input counts converted (default: a quarter and half "
-                        "of --images)")
+                   help="N1,N2: the two input counts converted (default: a fifth and two "
+                        "fifths of --images)")
     p.add_argument("--size", type=int, default=512, help="--size of the conversion")
     p.add_argument("--shard-samples", type=int, default=16, help="samples per shard")
     p.add_argument("--project-cores", type=int, default=64, help="cores of the projection")
@@ -305,7 +305,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     try:
         counts = ([int(c) for c in args.counts.split(",")] if args.counts
-                  else [args.images // 4, args.images // 2])
+                  else [args.images // 5, 2 * args.images // 5])
     except ValueError:
         p.error(f"--counts takes N1,N2, got {args.counts!r}")
     if len(counts) != 2 or not 2 <= counts[0] < counts[1] <= args.images:

@@ -51,7 +51,7 @@ def test_limits_as_the_issue_sets_them() -> None:
 
 def test_counts_are_checked_in_one_line() -> None:
     args = bench_scale.parse_args(["--images", "40"])
-    assert args.counts == (10, 20)
+    assert args.counts == (8, 16)
     assert bench_scale.parse_args(["--images", "40", "--counts", "8,30"]).counts == (8, 30)
     for bad in ("30,8", "8", "8,41", "x,y"):
         out = subprocess.run([sys.executable, str(BENCH / "bench_scale.py"), "--images", "40",
