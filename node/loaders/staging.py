@@ -7,8 +7,8 @@ size and workers, never with the dataset. Each bound here is a count of batch bu
 times ``batch_bytes = batch_size x H x W x C`` (uint8 pixels), from the loader's own
 prefetch rules; ``docs/at-scale.md`` states them.
 
-The budget is ``$FORMATLAB_HOST_STAGING_MIB`` (MiB), by default a quarter of physical
-memory; a loader whose bound exceeds it is refused before it starts
+The budget is ``$FORMATLAB_HOST_STAGING_MIB`` (MiB), by default half of physical
+memory (or of the cgroup's limit); a loader whose bound exceeds it is refused before it starts
 (:func:`check_host_staging`, one line).
 """
 
@@ -102,16 +102,23 @@ def cupy_bound(data_bytes: int) -> StagingBound:
     return StagingBound(0, 0, 0, 0, 2 * min(CUPY_CHUNK_BYTES, max(1, data_bytes)))
 
 
-def physical_memory() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+def physical_memory(cgroup_max: str = "/sys/fs/cgroup/memory.max") -> int:
+    """Physical memory, or the cgroup's (v2) memory limit where that is lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open(cgroup_max) as f:
+            limit = f.read().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
 
 
 def host_budget(environ: Mapping[str, str] | None = None) -> int:
-    """The host staging budget in bytes: ``$FORMATLAB_HOST_STAGING_MIB``, else a quarter
+    """The host staging budget in bytes: ``$FORMATLAB_HOST_STAGING_MIB``, else half
     of physical memory."""
     raw = (os.environ if environ is None else environ).get(BUDGET_ENV, "").strip()
     if not raw:
-        return physical_memory() // 4
+        return physical_memory() // 2
     try:
         mib = float(raw)
     except ValueError:

@@ -8,6 +8,7 @@ a loader over the budget is refused in one line before it reads anything.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from node.loaders.staging import (
     cupy_bound,
     host_budget,
     mmap_bound,
+    physical_memory,
     prefetch_factor,
     staging_reason,
     worker_bound,
@@ -74,9 +76,14 @@ def test_bounds_grow_with_batch_and_workers_only() -> None:
             assert by_workers == sorted(by_workers) and len(set(by_workers)) == 3
 
 
-def test_budget_from_the_environment() -> None:
+def test_budget_from_the_environment(tmp_path: Path) -> None:
     assert host_budget({BUDGET_ENV: "512"}) == 512 * MIB
-    assert 0 < host_budget({}) < 1 << 50  # a quarter of physical memory
+    assert host_budget({}) == physical_memory() // 2
+    limit = tmp_path / "memory.max"
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for text, expect in (("1073741824\n", 1 << 30), ("max\n", total)):
+        limit.write_text(text)
+        assert physical_memory(str(limit)) == expect
     for bad in ("lots", "0"):
         with pytest.raises(ValueError, match=BUDGET_ENV):
             host_budget({BUDGET_ENV: bad})
