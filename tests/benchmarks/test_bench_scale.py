@@ -23,6 +23,8 @@ from scale_photos import CLASSES, make_photos, photo_bytes, subset  # noqa: E402
 def test_decode_once_ratio_and_growth() -> None:
     assert bench_scale.decode_once_ratio(1.1, 0.1, {"a": 0.5, "b": 0.4}) == pytest.approx(1.1)
     assert bench_scale.decode_once_ratio(2.0, 0.2, {"a": 0.8}) == pytest.approx(2.0)
+    assert bench_scale.one_job_per_format(1.0, 0.1, {"a": 0.5, "b": 0.4}) == \
+        pytest.approx(1.1)  # (0.1 + 0.5) + (0.1 + 0.4)
     assert bench_scale.growth(100, 110) == bench_scale.growth(110, 100) == pytest.approx(1.1)
     assert bench_scale.growth(0, 5) == float("inf")
 
