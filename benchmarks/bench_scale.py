@@ -15,21 +15,21 @@ and orientations, EXIF orientation tags), then:
 
 Definitions (docs/at-scale.md):
 
-* single-format cost of format f = ``D + E_f`` per image: ``D`` one decode + resize of
-  an input (``prep.transform.prepare_image``, measured in this process on the same
-  photos) and ``E_f`` the format's encode + upload per image (``encode_time_s +
-  upload_time_s`` over ``samples`` in the job's rows).
-* decode-once ratio = ``T_all / (D + sum_f E_f)``: ``T_all`` the all-formats job's
-  marginal wall time per image on one Ray CPU (the slope between the two input counts,
-  so fixed costs such as joining Ray, worker start-up, listing, quality sampling and
-  the manifest drop out). Limit <= 1.15: converting to every format costs one decode
-  plus the encodes, with little else per image; one decode per format would add
-  ``(formats - 1) x D``. Also printed: the saving against one job per format,
-  ``sum_f (D + E_f) / T_all``.
+* decode-once ratio = ``T_all / (D + sum_f E_f)`` per image, in CPU seconds (robust to
+  other load on the machine): ``T_all`` the all-formats job's Ray worker CPU per image
+  on one Ray CPU (the slope between the two input counts, so worker start-up and other
+  fixed costs drop out); ``D`` one decode + resize (``prep.transform.prepare_image``)
+  and ``E_f`` format f's shard writes alone (``shared.shards.write_shard``, shards of
+  ``--shard-samples``), measured in this process on the same photos; ``D + E_f`` is
+  what a single-format job costs per image. Limit <= 1.15: every format costs one
+  decode plus the encodes; one decode per format would add ``(formats - 1) x D``, and
+  per-image overheads (reading, scheduling, serialising) show the same way. Also
+  printed: one job per format over the all-formats job, ``sum_f (D + E_f) / T_all``.
 * memory growth = larger over smaller of the workers' peak VmHWM at the two input
   counts. Limit <= 1.20: a task holds one shard, whatever the input count.
-* projection: ``wall(N) = F + c * N / cores`` with ``c`` the measured per-image core
-  seconds (the slope) and ``F`` the fixed cost (the line's intercept), assuming
+* projection: ``wall(N) = F + c * N / cores`` with ``c`` the worker CPU seconds per
+  image (the slope) and ``F`` the fixed cost (the intercept of wall time against the
+  input count), assuming
   Ray scales over cores (benchmarks/bench_convert.py checks 1 -> 2 CPUs);
   store size = bytes per image x N per format.
 
@@ -50,6 +50,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -67,6 +69,7 @@ DECODE_LIMIT = SCALE_DECODE_ONCE_MAX
 MEMORY_LIMIT = SCALE_WORKER_MEMORY_GROWTH_MAX
 STUDY_PHOTOS = 79_698
 MIB = 1 << 20
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------- measures
@@ -118,12 +121,14 @@ def project(photos: int, cores: int, fixed_s: float, core_s_per_image: float,
 
 
 class WorkerMemory:
-    """Peak resident memory (``VmHWM``) of each Ray worker process (``ray::...``) in one
-    process session (the Ray head's), polled on a thread while a job runs."""
+    """Peak resident memory (``VmHWM``) and CPU seconds (user + system) of each Ray
+    worker process (``ray::...``) in one process session (the Ray head's), polled on a
+    thread while a job runs."""
 
     def __init__(self, session: int, interval_s: float = 0.2) -> None:
         self.session, self.interval_s = session, interval_s
         self.peaks: dict[int, int] = {}
+        self.cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -145,8 +150,8 @@ class WorkerMemory:
             if not entry.name.isdigit():
                 continue
             try:
-                stat = Path(entry.path, "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[3]) != self.session:
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[3]) != self.session:
                     continue
                 if not Path(entry.path, "cmdline").read_bytes().startswith(b"ray::"):
                     continue
@@ -155,12 +160,17 @@ class WorkerMemory:
                         hwm = int(line.split()[1]) * 1024
                         pid = int(entry.name)
                         self.peaks[pid] = max(self.peaks.get(pid, 0), hwm)
+                        self.cpu[pid] = (int(fields[11]) + int(fields[12])) / _TICKS
             except (OSError, ValueError, IndexError):
                 continue  # gone, or not ours to read
 
     @property
     def peak(self) -> int:
         return max(self.peaks.values(), default=0)
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self.cpu.values())
 
 
 # --------------------------------------------------------------------------- prep
@@ -193,19 +203,34 @@ def say(text: str) -> None:
     print(f"[bench_scale {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
-def decode_cost(src: Path, size: int, limit: int, rounds: int = 2) -> float:
-    """Seconds per image of one decode + resize (best of ``rounds``)."""
+def local_costs(src: Path, size: int, limit: int,
+                shard_samples: int) -> tuple[float, dict[str, float]]:
+    """CPU seconds per image of one decode + resize and of each catalog format's shard
+    writes alone (shards of ``shard_samples``, as the job writes them), in this process."""
     from prep.transform import prepare_image
+    from shared.formats import CATALOG, get_format
+    from shared.shards import write_shard
+    from shared.storage import Store
 
     datas = [p.read_bytes() for p in sorted(src.rglob("*.jpg"))[:limit]]
+    n = len(datas)
     prepare_image(datas[0], size)  # warm-up: codec libraries
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for data in datas:
-            prepare_image(data, size)
-        best = min(best, (time.perf_counter() - t0) / len(datas))
-    return best
+    t0 = time.process_time()
+    pixels = np.stack([prepare_image(d, size) for d in datas])
+    decode = (time.process_time() - t0) / n
+    labels, keys = np.zeros(n, np.int64), [f"k{i}" for i in range(n)]
+    encode = {}
+    with tempfile.TemporaryDirectory(prefix="bench-scale-enc-") as tmp:
+        store = Store.open(tmp).sub("ds")
+        for fid in CATALOG:
+            fmt = get_format(fid)
+            write_shard(store, fmt, "train", 0, keys[:2], pixels[:2], labels[:2])  # warm-up
+            t0 = time.process_time()
+            for k, i in enumerate(range(0, n, shard_samples)):
+                j = i + shard_samples
+                write_shard(store, fmt, "train", k + 1, keys[i:j], pixels[i:j], labels[i:j])
+            encode[fid] = (time.process_time() - t0) / n
+    return decode, encode
 
 
 def format_rows(rows: object) -> dict[str, dict[str, float]]:
@@ -220,67 +245,82 @@ def format_rows(rows: object) -> dict[str, dict[str, float]]:
 
 
 def print_formats(table: dict[str, dict[str, float]], projection: Projection) -> None:
-    print(f"\n{'format':<16}{'encode ms/img':>14}{'upload ms/img':>14}{'KiB/img':>10}"
+    print(f"\n{'format':<16}{'encode ms/img':>14}{'upload ms/img':>14}{'alone CPU ms':>13}"
+          f"{'KiB/img':>10}"
           f"{'store GiB @' + str(projection.photos):>20}")
     for fid, r in sorted(table.items(), key=lambda kv: -kv[1]["encode_s"]):
         print(f"{fid:<16}{r['encode_s'] * 1e3:>14.1f}{r['upload_s'] * 1e3:>14.1f}"
+              f"{r.get('alone_s', float('nan')) * 1e3:>13.1f}"
               f"{r['bytes'] / 1024:>10.1f}{projection.store_bytes[fid] / (1 << 30):>20.1f}")
     total = sum(projection.store_bytes.values())
-    print(f"{'all formats':<16}{'':>38}{total / (1 << 30):>20.1f}")
+    print(f"{'all formats':<16}{'':>51}{total / (1 << 30):>20.1f}")
 
 
-def bench_prep(args: argparse.Namespace, work: Path) -> tuple[list[Check], Path]:
+def run_jobs(args: argparse.Namespace, work: Path) -> dict[int, dict]:
+    """The all-formats job at each input count on a 1-CPU Ray head: per count its wall
+    time, conversions rows, and the workers' peak memory and CPU seconds."""
     from bench_convert import RayHead
 
-    n1, n2 = args.counts
     say(f"generating {args.images} photos (kept in --work between runs)")
     photos = make_photos(work / f"photos-{args.images}", args.images, seed=args.seed)
-    sources = {n: subset(photos, work / f"photos-first-{n}", n) for n in (n1, n2)}
     say("starting a Ray head with 1 CPU")
     head = RayHead(1)
-    walls, peaks, rows = {}, {}, {}
+    jobs: dict[int, dict] = {}
     try:
         head.wait()
-        for n in (n1, n2):
+        for n in args.counts:
+            src = subset(photos, work / f"photos-first-{n}", n)
             dst = work / f"store-{n}"
             shutil.rmtree(dst, ignore_errors=True)
             say(f"converting {n} photos to every format through Ray")
-            with WorkerMemory(os.getsid(head.proc.pid)) as memory:
-                walls[n], rows[n] = convert(head, sources[n], dst, work / "results", args.size,
-                                            args.shard_samples)
-            peaks[n] = memory.peak
+            with WorkerMemory(os.getsid(head.proc.pid)) as workers:
+                wall, rows = convert(head, src, dst, work / "results", args.size,
+                                     args.shard_samples)
+            jobs[n] = {"wall": wall, "rows": rows, "peak": workers.peak, "cpu": workers.cpu_s,
+                       "src": src}
     finally:
         head.stop()
-    say("decode + resize alone, in this process")
-    decode = decode_cost(sources[n1], args.size, min(n1, 16))
-    core_s = per_image_core_s((n1, n2), (walls[n1], walls[n2]), cores=1)
-    fixed = max(0.0, walls[n1] - core_s * n1)
-    table = format_rows(rows[n2])
-    encodes = {f: r["encode_s"] + r["upload_s"] for f, r in table.items()}
+    return jobs
+
+
+def bench_prep(args: argparse.Namespace, work: Path) -> tuple[list[Check], Path]:
+    n1, n2 = args.counts
+    jobs = run_jobs(args, work)
+    say("decode + resize and each format's encode alone, in this process")
+    decode, alone = local_costs(jobs[n1]["src"], args.size, min(n1, 2 * args.shard_samples),
+                                args.shard_samples)
+    walls = (jobs[n1]["wall"], jobs[n2]["wall"])
+    core_s = per_image_core_s((n1, n2), (jobs[n1]["cpu"], jobs[n2]["cpu"]), cores=1)
+    wall_s = per_image_core_s((n1, n2), walls, cores=1)
+    fixed = max(0.0, walls[0] - wall_s * n1)
+    table = format_rows(jobs[n2]["rows"])
+    for fid, r in table.items():
+        r["alone_s"] = alone.get(fid, float("nan"))
     projection = project(args.project_photos, args.project_cores, fixed, core_s,
                          {f: r["bytes"] for f, r in table.items()})
-    ratio = decode_once_ratio(core_s, decode, encodes)
+    ratio = decode_once_ratio(core_s, decode, alone)
+    peaks = (jobs[n1]["peak"], jobs[n2]["peak"])
     print_formats(table, projection)
-    print(f"\nprep on 1 Ray CPU: {n1} photos {walls[n1]:.1f} s, {n2} photos {walls[n2]:.1f} s: "
-          f"{core_s:.2f} core s/photo (slope), fixed cost {fixed:.1f} s (intercept); "
-          f"decode+resize {decode * 1e3:.0f} ms/photo, encodes + uploads "
-          f"{sum(encodes.values()) * 1e3:.0f} ms/photo; one job per format would cost "
-          f"x{one_job_per_format(core_s, decode, encodes):.2f}; load average "
+    print(f"\nprep on 1 Ray CPU: {n1} photos {walls[0]:.1f} s, {n2} photos {walls[1]:.1f} s "
+          f"wall ({wall_s:.2f} s/photo slope, {fixed:.1f} s fixed cost intercept); worker CPU "
+          f"{core_s:.2f} s/photo (slope); alone: decode+resize {decode * 1e3:.0f} ms/photo, "
+          f"encodes {sum(alone.values()) * 1e3:.0f} ms/photo (CPU); one job per format would "
+          f"cost x{one_job_per_format(core_s, decode, alone):.2f}; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"peak worker memory (VmHWM): {peaks[n1] / MIB:.0f} MiB at {n1} photos, "
-          f"{peaks[n2] / MIB:.0f} MiB at {n2} photos ({args.shard_samples} per shard)")
+    print(f"peak worker memory (VmHWM): {peaks[0] / MIB:.0f} MiB at {n1} photos, "
+          f"{peaks[1] / MIB:.0f} MiB at {n2} photos ({args.shard_samples} per shard)")
     store_bytes = sum(projection.store_bytes.values())
     print(f"projection: {projection.photos} photos on {projection.cores} cores: "
           f"{projection.wall_s / 3600:.2f} h, store {store_bytes / (1 << 30):.0f} GiB (all "
           f"formats), written at {store_bytes / projection.wall_s / 1e6:.0f} MB/s on average")
     checks = [
         Check("decode once, encode many (Ray)", ratio, DECODE_LIMIT, "<=",
-              f"{n1}->{n2} photos -> {args.size}, {len(table)} formats: job "
-              f"{core_s * 1e3:.0f} ms/photo (slope) vs decode {decode * 1e3:.0f} + encodes and "
-              f"uploads {sum(encodes.values()) * 1e3:.0f} ms/photo"),
-        Check("prep worker memory vs input count", growth(peaks[n1], peaks[n2]), MEMORY_LIMIT,
-              "<=", f"peak VmHWM {peaks[n1] / MIB:.0f} MiB ({n1} photos) vs "
-              f"{peaks[n2] / MIB:.0f} MiB ({n2} photos)"),
+              f"{n1}->{n2} photos -> {args.size}, {len(table)} formats: worker CPU "
+              f"{core_s * 1e3:.0f} ms/photo (slope) vs decode {decode * 1e3:.0f} + encodes "
+              f"alone {sum(alone.values()) * 1e3:.0f} ms/photo (CPU)"),
+        Check("prep worker memory vs input count", growth(*peaks), MEMORY_LIMIT, "<=",
+              f"peak VmHWM {peaks[0] / MIB:.0f} MiB ({n1} photos) vs "
+              f"{peaks[1] / MIB:.0f} MiB ({n2} photos)"),
     ]
     return checks, work / f"store-{n2}"
 

@@ -86,7 +86,7 @@ def test_photos_are_large_textured_rotated_jpegs(tmp_path: Path) -> None:
 
 def test_worker_memory_reads_peaks_of_its_session_only() -> None:
     """A child in a session of its own, named like a Ray worker, is found; its VmHWM
-    covers the 64 MiB it touched."""
+    covers the 64 MiB it touched, and its CPU seconds are read."""
     code = ("import sys, time; b = bytearray(64 << 20); sys.stdout.write('ok\\n'); "
             "sys.stdout.flush(); time.sleep(30)")
     proc = subprocess.Popen(["bash", "-c", f'exec -a "ray::probe" {sys.executable} -c "{code}"'],
@@ -97,6 +97,7 @@ def test_worker_memory_reads_peaks_of_its_session_only() -> None:
         memory.sample()
         assert set(memory.peaks) == {proc.pid}
         assert memory.peak >= 64 << 20
+        assert 0 < memory.cpu_s < 30  # its start-up and the 64 MiB it wrote
         other = bench_scale.WorkerMemory(1)  # init's session: none of ours
         other.sample()
         assert proc.pid not in other.peaks
