@@ -60,17 +60,9 @@ from node.loaders.gpu import (
 from node.loaders.kvikio_loader import io_threads, without_direct_io
 from node.loaders.staging import CUPY_CHUNK_BYTES as CHUNK_BYTES
 from node.loaders.staging import check_host_staging, cupy_bound
-from node.loaders.window import (
-    CAP_ENV,
-    WINDOWED,
-    Residency,
-    Segment,
-    WindowSchedule,
-    choose_residency,
-    smallest_window,
-    vram_cap,
-    window_schedule,
-)
+from node.loaders.window import (CAP_ENV, WINDOWED, Residency, Segment, WindowSchedule,
+                                 choose_residency, smallest_window, vram_cap,
+                                 window_schedule)
 from shared.formats import Format
 from shared.formats.npy import IMAGES_FILE, npy_layout
 
