@@ -82,3 +82,10 @@ def table(rows: Sequence[tuple[str, Check | None, str]]) -> str:
              for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# benchmarks/bench_scale.py (issue 17): all-formats conversion per image over one decode
+# plus each format's encode alone, and the larger over the smaller of the Ray workers'
+# peak memory at two input counts.
+SCALE_DECODE_ONCE_MAX = 1.15
+SCALE_WORKER_MEMORY_GROWTH_MAX = 1.20

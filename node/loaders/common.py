@@ -19,11 +19,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from node.loaders.base import Batch, Loader, LoaderConfig, ShardSlice, timed_to_device
-
-# In-flight prefetched batches per loader are capped at about this many bytes, so
-# large images with many workers do not pin gigabytes of host memory.
-_PREFETCH_BUDGET_BYTES = 1 << 30
-_MAX_PREFETCH = 4
+from node.loaders.staging import (
+    StagingBound,
+    batch_bytes,
+    check_host_staging,
+    prefetch_factor,
+    worker_bound,
+)
 
 
 class HostBatch(NamedTuple):
@@ -174,7 +176,9 @@ class WorkerLoader(Loader):
     """A loader whose batches a :class:`BatchReader` reads in DataLoader workers.
 
     ``config.workers == 0`` reads in the main process. With workers they persist
-    across epochs and each prefetches up to four batches (fewer for large batches).
+    across epochs and each prefetches two to four batches
+    (:func:`node.loaders.staging.prefetch_factor`); the host memory that stages is
+    bounded by :meth:`staging_bound` and checked against the budget by :meth:`check_fits`.
     """
 
     def __init__(self, config: LoaderConfig) -> None:
@@ -187,17 +191,25 @@ class WorkerLoader(Loader):
     def make_reader(self) -> BatchReader:
         """The reader this loader's workers run."""
 
+    def staging_bound(self) -> StagingBound:
+        """The most host memory this loader's batches take (see :mod:`node.loaders.staging`)."""
+        c = self.config
+        return worker_bound(batch_bytes(c.batch_size, c.image_shape), c.workers,
+                            pinned=c.device.type == "cuda")
+
+    def check_fits(self) -> None:
+        check_host_staging(self.name, self.staging_bound())
+
     def _build(self) -> DataLoader[Any]:
         c = self.config
         self._reader = self.make_reader()
         options: dict[str, Any] = {}
         if c.workers > 0:
-            batch_bytes = c.batch_size * int(np.prod(c.image_shape))
             options = {
                 "persistent_workers": True,
                 "worker_init_fn": _init_worker,
-                "prefetch_factor": max(2, min(_MAX_PREFETCH,
-                                              _PREFETCH_BUDGET_BYTES // (c.workers * batch_bytes))),
+                "prefetch_factor": prefetch_factor(batch_bytes(c.batch_size, c.image_shape),
+                                                   c.workers),
             }
         return DataLoader(self._reader, sampler=self._sampler, batch_size=None,
                           collate_fn=_keep_batch, num_workers=max(0, c.workers),

@@ -1,0 +1,148 @@
+"""How much host memory a loader stages at most, and the budget it must stay under.
+
+A loader's host staging is the batches it holds in host memory between reading and the
+training step: batches prefetched by workers, their pinned copies on the way to a GPU,
+the one the trainer holds, and the workers' decode temporaries. It grows with batch
+size and workers, never with the dataset. Each bound here is a count of batch buffers
+times ``batch_bytes = batch_size x H x W x C`` (uint8 pixels), from the loader's own
+prefetch rules; ``docs/at-scale.md`` states them.
+
+The budget is ``$FORMATLAB_HOST_STAGING_MIB`` (MiB), by default half of physical
+memory (or of the cgroup's limit); a loader whose bound exceeds it is refused before it starts
+(:func:`check_host_staging`, one line).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import NamedTuple
+
+from node.loaders.base import LoaderUnavailable
+
+BUDGET_ENV = "FORMATLAB_HOST_STAGING_MIB"
+MIB = 1 << 20
+# Prefetched batches per worker are capped at about this many bytes in all (the
+# DataLoader's prefetch_factor, at least 2, at most 4), so large images with many
+# workers do not stage gigabytes.
+PREFETCH_TARGET_BYTES = 1 << 30
+MIN_PREFETCH, MAX_PREFETCH = 2, 4
+# Per reading worker, decode temporaries of up to this many batches: the encoded bytes
+# read and the decoded images before they are stacked into the batch.
+SCRATCH_BATCHES = 2
+CUPY_CHUNK_BYTES = 64 << 20
+
+
+class StagingBound(NamedTuple):
+    """At most ``batches`` host batch buffers (``pinned`` of them pinned) and
+    ``scratch`` batches' worth of decode temporaries, of ``batch_bytes`` each; plus
+    ``fixed_bytes`` that do not scale with the batch."""
+
+    batches: int
+    pinned: int
+    scratch: int
+    batch_bytes: int
+    fixed_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.batches + self.pinned + self.scratch) * self.batch_bytes + self.fixed_bytes
+
+    def describe(self) -> str:
+        """``(12 batches + 5 pinned + 4 scratch) x 50.3 MiB``, one line."""
+        parts = f"{self.batches} batches + {self.pinned} pinned + {self.scratch} scratch"
+        fixed = f" + {self.fixed_bytes / MIB:.0f} MiB" if self.fixed_bytes else ""
+        return f"({parts}) x {self.batch_bytes / MIB:.1f} MiB{fixed}"
+
+
+def batch_bytes(batch_size: int, image_shape: tuple[int, ...]) -> int:
+    n = batch_size
+    for d in image_shape:
+        n *= d
+    return n
+
+
+def prefetch_factor(batch_bytes: int, workers: int) -> int:
+    """Batches each DataLoader worker prefetches: the target split over the workers."""
+    fit = PREFETCH_TARGET_BYTES // max(1, workers * batch_bytes)
+    return max(MIN_PREFETCH, min(MAX_PREFETCH, fit))
+
+
+def worker_bound(batch_bytes: int, workers: int, pinned: bool) -> StagingBound:
+    """DataLoader-based loaders (``file``, ``hdf5``, ``zarr``, ``nvjpeg``).
+
+    With ``w`` workers prefetching ``p`` batches each, at most ``w x p`` batches are
+    dispatched and not yet delivered; add the one the trainer holds and the one before
+    it (still referenced until the next arrives); with pinning each delivered-but-held
+    batch also has a pinned copy (``w x p + 1``); each worker filling a batch holds
+    decode temporaries. Without workers the main process reads one batch at a time.
+    """
+    if workers <= 0:
+        return StagingBound(2, int(pinned), SCRATCH_BATCHES, batch_bytes)
+    p = prefetch_factor(batch_bytes, workers)
+    return StagingBound(workers * p + 2, (workers * p + 1) if pinned else 0,
+                        SCRATCH_BATCHES * workers, batch_bytes)
+
+
+def mmap_bound(batch_bytes: int, workers: int, pinned: bool) -> StagingBound:
+    """``numpy_mmap``: gathers into host buffers, ``workers + 1`` batches ahead.
+
+    On the CPU: up to ``workers + 1`` pending gathers, the batch just delivered and the
+    one before it (``workers + 3``; 2 without workers). On CUDA a fixed ring of
+    ``workers + 2`` pinned buffers (2 without workers), the batches then live on the GPU.
+    No decode temporaries: the gather writes into the batch buffer.
+    """
+    if pinned:
+        return StagingBound(0, workers + 2 if workers > 0 else 2, 0, batch_bytes)
+    return StagingBound(workers + 3 if workers > 0 else 2, 0, 0, batch_bytes)
+
+
+def cupy_bound(data_bytes: int) -> StagingBound:
+    """``cupy``: two pinned chunks of at most 64 MiB, whatever the batch."""
+    return StagingBound(0, 0, 0, 0, 2 * min(CUPY_CHUNK_BYTES, max(1, data_bytes)))
+
+
+def physical_memory(cgroup_max: str = "/sys/fs/cgroup/memory.max") -> int:
+    """Physical memory, or the cgroup's (v2) memory limit where that is lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open(cgroup_max) as f:
+            limit = f.read().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def host_budget(environ: Mapping[str, str] | None = None) -> int:
+    """The host staging budget in bytes: ``$FORMATLAB_HOST_STAGING_MIB``, else half
+    of physical memory."""
+    raw = (os.environ if environ is None else environ).get(BUDGET_ENV, "").strip()
+    if not raw:
+        return physical_memory() // 2
+    try:
+        mib = float(raw)
+    except ValueError:
+        raise ValueError(f"{BUDGET_ENV}={raw!r} is not a number of MiB") from None
+    if mib <= 0:
+        raise ValueError(f"{BUDGET_ENV}={raw!r} must be positive")
+    return int(mib * MIB)
+
+
+def staging_reason(loader: str, bound: StagingBound, budget: int) -> str | None:
+    """One line when ``bound`` exceeds ``budget``, else None."""
+    if bound.total_bytes <= budget:
+        return None
+    return (f"{loader}: host staging needs up to {bound.total_bytes / MIB:.0f} MiB "
+            f"{bound.describe()}, over the budget of {budget / MIB:.0f} MiB "
+            f"(${BUDGET_ENV}); use a smaller --batch-size or fewer --workers")
+
+
+def check_host_staging(loader: str, bound: StagingBound,
+                       environ: Mapping[str, str] | None = None) -> None:
+    """Raise :class:`~node.loaders.base.LoaderUnavailable` (one line) over the budget."""
+    try:
+        reason = staging_reason(loader, bound, host_budget(environ))
+    except ValueError as exc:
+        raise LoaderUnavailable(f"{loader}: {exc}") from None
+    if reason:
+        raise LoaderUnavailable(reason)
