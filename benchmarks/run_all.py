@@ -25,6 +25,8 @@ BENCHMARKS = {
     "convert": "bench_convert.py",
     "cache": "bench_cache.py",
     "peers": "peers.py",
+    "packed": "bench_packed.py",
+    "scale": "bench_scale.py",
 }
 # Smaller runs of the same measurements, for a first look on a shared machine.
 QUICK_ARGS = {
@@ -32,6 +34,8 @@ QUICK_ARGS = {
     "convert": ["--rounds", "1", "--ray-rounds", "1", "--images", "32", "--ray-images", "120"],
     "cache": ["--files", "2000", "--npy-samples", "2000", "--rounds", "2"],
     "peers": ["--samples", "10000"],
+    "packed": ["--samples", "10000", "--samples-512", "200", "--rounds", "2"],
+    "scale": ["--images", "40", "--counts", "10,20"],
 }
 
 

@@ -20,10 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-try:  # the test-data generators' new home (testdata/); prep/datagen.py before the move
-    from testdata.pixels import render_images
-except ImportError:  # pragma: no cover - depends on the checkout
-    from prep.datagen import render_images
+from testdata.pixels import render_images
 
 CLASSES = ("mask_weared_incorrect", "with_mask", "without_mask")
 SIZES = ((4000, 3000), (4032, 3024), (4608, 3456), (3264, 2448))
