@@ -130,3 +130,26 @@ def test_loaders_are_built_as_bounded_and_refused_over_budget(
             loader.check_fits()
     finally:
         loader.close()
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_numpy_mmap_is_bounded_and_refused_over_budget(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
+    from node.errors import UsageError
+    from node.session import build_loader
+
+    config = config_for(tmp_path, "npy", batch=4, workers=workers)
+    loader = LOADERS["numpy_mmap"](config)
+    try:
+        bound = loader.staging_bound()
+        assert bound == mmap_bound(4 * 8 * 8 * 3, workers, pinned=False)
+        monkeypatch.setenv(BUDGET_ENV, str(bound.total_bytes / MIB))
+        loader.check_fits()
+    finally:
+        loader.close()
+    # The run path (session.build_loader) refuses it in one line before any read.
+    monkeypatch.setenv(BUDGET_ENV, str((bound.total_bytes - 1) / MIB))
+    with pytest.raises(UsageError, match=r"^loader 'numpy_mmap': numpy_mmap: host staging "
+                                         r"needs") as info:
+        build_loader(LOADERS["numpy_mmap"], config)
+    assert "\n" not in str(info.value)
