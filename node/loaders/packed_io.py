@@ -236,9 +236,10 @@ class StreamedMembers:
                       state["buffer_bytes"])
 
 
-def open_source(shards: Sequence[_Shard],
-                storage_options: dict[str, Any]) -> LocalMembers | StreamedMembers:
-    """Members from the cached tars, or streamed when the shards' locations are URLs."""
+def open_source(shards: Sequence[_Shard], storage_options: dict[str, Any],
+                stream_bytes: int = STREAM_BUFFER_BYTES) -> LocalMembers | StreamedMembers:
+    """Members from the cached tars, or streamed when the shards' locations are URLs
+    (whole shards held up to ``stream_bytes``)."""
     if shards and is_url(shards[0].location):
-        return StreamedMembers(shards, storage_options)
+        return StreamedMembers(shards, storage_options, stream_bytes)
     return LocalMembers(shards)

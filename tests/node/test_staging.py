@@ -66,6 +66,19 @@ def test_mmap_and_cupy_bounds() -> None:
     assert cupy_bound(1000).total_bytes == 2000
 
 
+def test_thread_bound_and_read_ahead() -> None:
+    from node.loaders.staging import thread_bound, with_read_ahead
+
+    assert thread_bound(B512, True, pinned=False) == StagingBound(4, 0, 1, B512)
+    assert thread_bound(B512, False, pinned=True) == StagingBound(0, 2, 1, B512)
+    base = thread_bound(B512, True, pinned=False)._replace(fixed_bytes=32 * MIB)
+    roomy = with_read_ahead(base, 4 << 30, 64 << 30)  # the ceiling, then
+    assert roomy.read_ahead == 4 << 30 and roomy.describe().endswith("+ 4096 MiB read-ahead")
+    tight = with_read_ahead(base, 4 << 30, base.total_bytes + 100 * MIB)  # what is left
+    assert tight.read_ahead == 100 * MIB and tight.total_bytes == base.total_bytes + 100 * MIB
+    assert with_read_ahead(base, 4 << 30, base.total_bytes - 1).read_ahead == 0
+
+
 def test_bounds_grow_with_batch_and_workers_only() -> None:
     for bound in (worker_bound, mmap_bound):
         for pinned in (False, True):
