@@ -109,7 +109,7 @@ class NumpyMmapLoader(Loader):
                           pinned=c.device.type == "cuda")
 
     def check_fits(self) -> None:
-        check_host_staging(self.name, self.staging_bound())
+        check_host_staging(self.name, self.staging_bound(), self.config.host_staging_mib)
 
     def resources(self) -> dict[str, int]:
         """Gathers run in the main thread, or in a pool of ``workers`` threads."""

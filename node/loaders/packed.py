@@ -286,7 +286,7 @@ class PackedThreadLoader(PackedProcessLoader):
         if not _streams(c):
             return bound
         bound = bound._replace(fixed_bytes=FETCH_THREADS * PART_BYTES)
-        return with_read_ahead(bound, STREAM_BUFFER_BYTES, budget_of(self.name))
+        return with_read_ahead(bound, STREAM_BUFFER_BYTES, budget_of(self.name, c.host_staging_mib))
 
     def _chunk(self, reader: PackedBatchReader, host: torch.Tensor, part: slice,
                shard_no: np.ndarray, index: np.ndarray) -> tuple[int, float, float]:

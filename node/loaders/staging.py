@@ -7,8 +7,9 @@ size and workers, never with the dataset. Each bound here is a count of batch bu
 times ``batch_bytes = batch_size x H x W x C`` (uint8 pixels), from the loader's own
 prefetch rules; ``docs/at-scale.md`` states them.
 
-The budget is ``$FORMATLAB_HOST_STAGING_MIB`` (MiB), by default half of physical
-memory (or of the cgroup's limit); a loader whose bound exceeds it is refused before it starts
+The budget is ``node-agent --host-staging-mib`` (the loader config's ``host_staging_mib``),
+else ``$FORMATLAB_HOST_STAGING_MIB`` (MiB), by default half of physical memory (or of the
+cgroup's limit); a loader whose bound exceeds it is refused before it starts
 (:func:`check_host_staging`, one line).
 """
 
@@ -21,6 +22,7 @@ from typing import NamedTuple
 from node.loaders.base import LoaderUnavailable
 
 BUDGET_ENV = "FORMATLAB_HOST_STAGING_MIB"
+BUDGET_FLAG = "--host-staging-mib"
 MIB = 1 << 20
 # Prefetched batches per worker are capped at about this many bytes in all (the
 # DataLoader's prefetch_factor, at least 2, at most 4), so large images with many
@@ -137,9 +139,13 @@ def physical_memory(cgroup_max: str = "/sys/fs/cgroup/memory.max") -> int:
     return min(total, int(limit)) if limit.isdigit() else total
 
 
-def host_budget(environ: Mapping[str, str] | None = None) -> int:
-    """The host staging budget in bytes: ``$FORMATLAB_HOST_STAGING_MIB``, else half
-    of physical memory."""
+def host_budget(environ: Mapping[str, str] | None = None, mib: float | None = None) -> int:
+    """The host staging budget in bytes: ``mib`` (``--host-staging-mib``), else
+    ``$FORMATLAB_HOST_STAGING_MIB``, else half of physical memory."""
+    if mib is not None:
+        if not mib > 0:
+            raise ValueError(f"{BUDGET_FLAG} {mib:g} must be positive")
+        return int(mib * MIB)
     raw = (os.environ if environ is None else environ).get(BUDGET_ENV, "").strip()
     if not raw:
         return physical_memory() // 2
@@ -152,26 +158,35 @@ def host_budget(environ: Mapping[str, str] | None = None) -> int:
     return int(mib * MIB)
 
 
-def staging_reason(loader: str, bound: StagingBound, budget: int) -> str | None:
-    """One line when ``bound`` exceeds ``budget``, else None."""
+def staging_reason(loader: str, bound: StagingBound, budget: int,
+                   source: str = f"${BUDGET_ENV}") -> str | None:
+    """One line when ``bound`` exceeds ``budget`` (set by ``source``), else None."""
     if bound.total_bytes <= budget:
         return None
-    return (f"{loader}: host staging needs up to {bound.total_bytes / MIB:.0f} MiB "
-            f"{bound.describe()}, over the budget of {budget / MIB:.0f} MiB "
-            f"(${BUDGET_ENV}); use a smaller --batch-size or fewer --workers")
+    return (f"{loader}: host staging needs up to {_mib(bound.total_bytes)} MiB "
+            f"{bound.describe()}, over the budget of {_mib(budget)} MiB "
+            f"({source}); use a smaller --batch-size or fewer --workers")
 
 
-def budget_of(loader: str, environ: Mapping[str, str] | None = None) -> int:
+def _mib(n: int) -> str:
+    """MiB, whole from 10 MiB up, else to two significant digits."""
+    return f"{n / MIB:.0f}" if n >= 10 * MIB else f"{n / MIB:.2g}"
+
+
+def budget_of(loader: str, mib: float | None = None,
+              environ: Mapping[str, str] | None = None) -> int:
     """:func:`host_budget`, a bad value raised as :class:`LoaderUnavailable` (one line)."""
     try:
-        return host_budget(environ)
+        return host_budget(environ, mib)
     except ValueError as exc:
         raise LoaderUnavailable(f"{loader}: {exc}") from None
 
 
-def check_host_staging(loader: str, bound: StagingBound,
+def check_host_staging(loader: str, bound: StagingBound, mib: float | None = None,
                        environ: Mapping[str, str] | None = None) -> None:
-    """Raise :class:`~node.loaders.base.LoaderUnavailable` (one line) over the budget."""
-    reason = staging_reason(loader, bound, budget_of(loader, environ))
+    """Raise :class:`~node.loaders.base.LoaderUnavailable` (one line) over the budget:
+    ``mib`` (``--host-staging-mib``) where given, else the environment's."""
+    source = BUDGET_FLAG if mib is not None else f"${BUDGET_ENV}"
+    reason = staging_reason(loader, bound, budget_of(loader, mib, environ), source)
     if reason:
         raise LoaderUnavailable(reason)

@@ -218,7 +218,7 @@ class WebDatasetLoader(Loader):
         return bound._replace(fixed_bytes=max(1, c.workers) * per_worker)
 
     def check_fits(self) -> None:
-        check_host_staging(self.name, self.staging_bound())
+        check_host_staging(self.name, self.staging_bound(), self.config.host_staging_mib)
 
     def _build(self) -> DataLoader[Any]:
         c = self.config

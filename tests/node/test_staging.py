@@ -107,7 +107,13 @@ def test_budget_from_the_environment(tmp_path: Path) -> None:
     assert reason.startswith("file: host staging needs up to 9792 MiB "
                              "(18 batches + 17 pinned + 16 scratch) x 192.0 MiB")
     with pytest.raises(LoaderUnavailable, match=f"^zarr: {BUDGET_ENV}='x' is not"):
-        check_host_staging("zarr", bound, {BUDGET_ENV: "x"})
+        check_host_staging("zarr", bound, environ={BUDGET_ENV: "x"})
+    # The flag's value (the loader config's host_staging_mib) overrides the environment
+    fits = bound.total_bytes / MIB
+    assert host_budget({BUDGET_ENV: "1"}, mib=fits) == bound.total_bytes
+    check_host_staging("file", bound, fits, environ={BUDGET_ENV: "1"})
+    with pytest.raises(LoaderUnavailable, match=r"MiB \(--host-staging-mib\); use a smaller"):
+        check_host_staging("file", bound, fits / 2, environ={BUDGET_ENV: str(2 * fits)})
 
 
 def config_for(root: Path, format_id: str, *, batch: int, workers: int) -> LoaderConfig:
@@ -166,3 +172,49 @@ def test_numpy_mmap_is_bounded_and_refused_over_budget(
                                          r"needs") as info:
         build_loader(LOADERS["numpy_mmap"], config)
     assert "\n" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def npy_store(cifar_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    from conftest import convert
+
+    store = tmp_path_factory.mktemp("staging-npy") / "store"
+    code, output = convert(cifar_archive, str(store), ("npy",))
+    assert code == 0, output
+    return str(store)
+
+
+def test_host_staging_flag_overrides_the_environment(
+        npy_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``node-agent --host-staging-mib``: refused under it in one line (exit 2, nothing
+    written); over an environment budget that would refuse, it lets the run go, and the
+    config column records it."""
+    import json
+
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from node.cli import cli
+
+    def run(out: Path, mib: str) -> object:
+        return CliRunner().invoke(cli, [
+            "bench", "--store", npy_store, "--dataset", "cifar10", "--format", "npy",
+            "--loader", "numpy_mmap", "--cache", str(out / "cache"), "--results",
+            str(out / "results"), "--epochs", "1", "--batch-size", "64", "--workers", "0",
+            "--max-steps", "1", "--host-staging-mib", mib])
+
+    monkeypatch.delenv(BUDGET_ENV, raising=False)
+    refused = run(tmp_path / "a", "0.01")  # a batch of 64 32x32 images is 0.19 MiB
+    assert refused.exit_code == 2, refused.output
+    lines = [line for line in refused.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and "Traceback" not in refused.output, refused.stderr
+    assert lines[0].startswith("node-agent: error: loader 'numpy_mmap': numpy_mmap: host "
+                               "staging needs up to 0.38 MiB"), lines[0]
+    assert "over the budget of 0.01 MiB (--host-staging-mib)" in lines[0]
+    assert not (tmp_path / "a" / "results").exists()
+    monkeypatch.setenv(BUDGET_ENV, "0.01")
+    ran = run(tmp_path / "b", "64")
+    assert ran.exit_code == 0, ran.output
+    row = pd.read_parquet(tmp_path / "b" / "results" / "runs").iloc[0]
+    config = row["config"] if isinstance(row["config"], dict) else json.loads(row["config"])
+    assert config["host_staging_mib"] == 64
