@@ -126,6 +126,10 @@ OPTIONS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     "seed": click.option("--seed", type=int, default=0, show_default=True),
     "max-steps": click.option("--max-steps", type=click.IntRange(min=1), default=None,
                               help="Stop each epoch after this many steps."),
+    "host-staging-mib": click.option(
+        "--host-staging-mib", type=click.FloatRange(min=0, min_open=True), default=None,
+        metavar="MIB", help="Host memory a loader may stage batches in; one whose bound is "
+        "over it is refused (default: FORMATLAB_HOST_STAGING_MIB, else half of RAM)."),
     "cold": click.option("--cold", is_flag=True,
                          help="Evict the cached files from the page cache before each epoch."),
     "no-cache": click.option("--no-cache", is_flag=True,
@@ -144,7 +148,8 @@ OPTIONS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
 STORE = ("store", "dataset", "storage-options")
 RANK = ("rank", "world-size")
 RUN = (*STORE, *RANK, "cache", "results", "epochs", "batch-size", "workers", "model",
-       "optimizer", "lr", "device", "seed", "max-steps", "cold", "no-cache")
+       "optimizer", "lr", "device", "seed", "max-steps", "cold", "no-cache",
+       "host-staging-mib")
 PAIR = ("format", "loader")
 
 

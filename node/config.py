@@ -35,6 +35,7 @@ class LoaderOptions:
     loader: str
     batch_size: int = 256
     workers: int = 2
+    host_staging_mib: float | None = None  # None: $FORMATLAB_HOST_STAGING_MIB, else RAM / 2
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,8 @@ class RunSession:
             fmt=plan.fmt, shards=tuple(slices), batch_size=cfg.loader.batch_size,
             workers=cfg.loader.workers, seed=cfg.training.seed, device=plan.device,
             image_shape=(plan.manifest.height, plan.manifest.width, plan.manifest.channels),
-            shuffle=shuffle, storage_options=dict(plan.store.storage_options)))
+            shuffle=shuffle, storage_options=dict(plan.store.storage_options),
+            host_staging_mib=cfg.loader.host_staging_mib))
 
     @staticmethod
     def _loader_columns(train: Any, sampler: Sampler) -> dict[str, Any]:

@@ -65,6 +65,7 @@ class LoaderConfig:
     image_shape: tuple[int, int, int]
     shuffle: bool = True
     storage_options: Mapping[str, Any] = field(default_factory=dict)
+    host_staging_mib: float | None = None  # the staging budget (node.loaders.staging)
 
     @property
     def num_samples(self) -> int:

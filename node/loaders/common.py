@@ -198,7 +198,7 @@ class WorkerLoader(Loader):
                             pinned=c.device.type == "cuda")
 
     def check_fits(self) -> None:
-        check_host_staging(self.name, self.staging_bound())
+        check_host_staging(self.name, self.staging_bound(), self.config.host_staging_mib)
 
     def _build(self) -> DataLoader[Any]:
         c = self.config

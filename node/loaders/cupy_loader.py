@@ -145,7 +145,7 @@ class CupyLoader(Loader):
                                      batch_size=c.batch_size, spare_bytes=spare, cap_bytes=cap)
         if residency is None:
             raise LoaderUnavailable(self._refusal(free, others, cap))
-        check_host_staging(self.name, cupy_bound(self.data_bytes))
+        check_host_staging(self.name, cupy_bound(self.data_bytes), c.host_staging_mib)
         self.residency = residency
         _PENDING[id(self)] = residency.vram_bytes
 

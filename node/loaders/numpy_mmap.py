@@ -27,6 +27,7 @@ import torch
 
 from node.loaders.base import Batch, Loader, LoaderConfig, open_array_readers
 from node.loaders.common import ShardMap, empty_batch
+from node.loaders.staging import StagingBound, batch_bytes, check_host_staging, mmap_bound
 from shared.formats.base import ArrayShardReader
 
 
@@ -99,6 +100,16 @@ class NumpyMmapLoader(Loader):
             if a.shape[1:] != tuple(config.image_shape) or len(a) < s.stop:
                 raise ValueError(f"{s.location}: images.npy is {a.shape}, expected at least "
                                  f"{s.stop} samples of {tuple(config.image_shape)}")
+
+    def staging_bound(self) -> StagingBound:
+        """The most host memory its batches take: :func:`node.loaders.staging.mmap_bound`
+        (the pinned ring on CUDA, else the gathers ahead and the batches held)."""
+        c = self.config
+        return mmap_bound(batch_bytes(c.batch_size, c.image_shape), c.workers,
+                          pinned=c.device.type == "cuda")
+
+    def check_fits(self) -> None:
+        check_host_staging(self.name, self.staging_bound(), self.config.host_staging_mib)
 
     def resources(self) -> dict[str, int]:
         """Gathers run in the main thread, or in a pool of ``workers`` threads."""

@@ -43,8 +43,16 @@ from torchvision.io import ImageReadMode, decode_jpeg, decode_png, decode_webp
 from node.loaders.base import Batch, LoaderConfig
 from node.loaders.common import BatchReader, HostBatch, WorkerLoader
 from node.loaders.numpy_mmap import _Staging
-from node.loaders.packed_io import open_source
+from node.loaders.packed_io import FETCH_THREADS, PART_BYTES, STREAM_BUFFER_BYTES, open_source
+from node.loaders.staging import (
+    StagingBound,
+    batch_bytes,
+    budget_of,
+    thread_bound,
+    with_read_ahead,
+)
 from shared.formats import Format, FormatKind
+from shared.formats.base import is_url
 from shared.formats.wds import TAR_NAME
 from shared.manifest import INDEX_FILE
 from shared.shards import ShardIndex
@@ -129,7 +137,6 @@ class _Shard(NamedTuple):
 
 def _read_shard(location: str, storage_options: dict[str, Any]) -> _Shard:
     """A shard's member table, from the ``index.parquet`` beside its tar."""
-    from shared.formats.base import is_url
     from shared.storage import Store
 
     if is_url(location):
@@ -146,7 +153,7 @@ def _read_shard(location: str, storage_options: dict[str, Any]) -> _Shard:
 class PackedBatchReader(BatchReader):
     """Reads and decodes the members at given rank positions (any process, any thread)."""
 
-    def __init__(self, config: LoaderConfig) -> None:
+    def __init__(self, config: LoaderConfig, stream_bytes: int = STREAM_BUFFER_BYTES) -> None:
         super().__init__(config)
         fmt = config.fmt
         if fmt.kind is not FormatKind.PACKED:
@@ -159,7 +166,7 @@ class PackedBatchReader(BatchReader):
             if len(shard.offsets) < s.stop:
                 raise ValueError(f"{s.location}: index lists {len(shard.offsets)} members, "
                                  f"the rank reads up to {s.stop}")
-        self.source = open_source(self.shards, options)
+        self.source = open_source(self.shards, options, stream_bytes)
         path = turbojpeg_path() if self.codec.family == "jpeg" else None
         self.turbo = _TurboJpeg(path) if path else None
 
@@ -242,7 +249,8 @@ class PackedProcessLoader(WorkerLoader):
                               "threads (streaming), libturbojpeg for JPEG where present")
 
     def make_reader(self) -> PackedBatchReader:
-        reader = PackedBatchReader(self.config)
+        # Streamed shards are read ahead as far as the staging budget leaves room.
+        reader = PackedBatchReader(self.config, self.staging_bound().read_ahead)
         self.io_evidence = _evidence(reader, f"{self.config.workers} DataLoader workers")
         return reader
 
@@ -267,6 +275,18 @@ class PackedThreadLoader(PackedProcessLoader):
 
     def resources(self) -> dict[str, int]:
         return {"threads": max(1, self.config.workers), "processes": 0}
+
+    def staging_bound(self) -> StagingBound:
+        """:func:`~node.loaders.staging.thread_bound`; streaming adds its whole-shard GETs
+        in flight and a read-ahead of what the budget leaves, at most
+        :data:`~node.loaders.packed_io.STREAM_BUFFER_BYTES` (the reader holds no more)."""
+        c = self.config
+        bound = thread_bound(batch_bytes(c.batch_size, c.image_shape), c.workers > 0,
+                             pinned=c.device.type == "cuda")
+        if not _streams(c):
+            return bound
+        bound = bound._replace(fixed_bytes=FETCH_THREADS * PART_BYTES)
+        return with_read_ahead(bound, STREAM_BUFFER_BYTES, budget_of(self.name, c.host_staging_mib))
 
     def _chunk(self, reader: PackedBatchReader, host: torch.Tensor, part: slice,
                shard_no: np.ndarray, index: np.ndarray) -> tuple[int, float, float]:
@@ -347,16 +367,18 @@ class PackedLoader(PackedThreadLoader):
     """
 
     def _in_threads(self) -> bool:
-        from shared.formats.base import is_url
-
         h, w, _ = self.config.image_shape
-        streams = bool(self.config.shards) and is_url(self.config.shards[0].location)
-        return streams or h * w >= THREADS_FROM_PIXELS
+        return _streams(self.config) or h * w >= THREADS_FROM_PIXELS
 
     def resources(self) -> dict[str, int]:
         if self._in_threads():
             return PackedThreadLoader.resources(self)
         return WorkerLoader.resources(self)
+
+    def staging_bound(self) -> StagingBound:
+        if self._in_threads():
+            return PackedThreadLoader.staging_bound(self)
+        return WorkerLoader.staging_bound(self)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         if self._in_threads():
@@ -368,3 +390,8 @@ class PackedLoader(PackedThreadLoader):
             PackedThreadLoader.release(self)
         else:
             WorkerLoader.release(self)
+
+
+def _streams(config: LoaderConfig) -> bool:
+    """Whether the shards are read from the store URL (``--no-cache``)."""
+    return bool(config.shards) and is_url(config.shards[0].location)

@@ -6,7 +6,9 @@ evict the tar's pages). :class:`StreamedMembers` (``--no-cache``) reads from the
 shard's URL in the store: when an epoch starts, a background thread fetches whole
 shards (in parts of :data:`PART_BYTES`, :data:`FETCH_THREADS` ranged GETs in flight
 through :class:`shared.storage.Store`, so errors are redacted as everywhere) in the order the epoch first needs them, up to
-:data:`STREAM_BUFFER_BYTES` held in memory; batches take their members from those
+the loader's read-ahead held in memory (what the host staging budget leaves,
+:meth:`node.loaders.packed.PackedThreadLoader.staging_bound`, at most
+:data:`STREAM_BUFFER_BYTES`); batches take their members from those
 copies as they arrive, and members of shards beyond the budget are fetched by ranged
 GETs of just their bytes. Nothing is kept between epochs: every epoch streams again.
 """
@@ -26,7 +28,8 @@ from shared.formats.wds import TAR_NAME
 
 PART_BYTES = 8 << 20  # one ranged GET of a whole-shard fetch
 FETCH_THREADS = 4  # whole-shard parts in flight
-STREAM_BUFFER_BYTES = 4 << 30  # streamed shards held in memory at most, per loader
+STREAM_BUFFER_BYTES = 4 << 30  # streamed shards held in memory at most, per loader (the
+# read-ahead is less where the host staging budget leaves less)
 
 
 class _Shard(Protocol):
@@ -236,9 +239,10 @@ class StreamedMembers:
                       state["buffer_bytes"])
 
 
-def open_source(shards: Sequence[_Shard],
-                storage_options: dict[str, Any]) -> LocalMembers | StreamedMembers:
-    """Members from the cached tars, or streamed when the shards' locations are URLs."""
+def open_source(shards: Sequence[_Shard], storage_options: dict[str, Any],
+                stream_bytes: int = STREAM_BUFFER_BYTES) -> LocalMembers | StreamedMembers:
+    """Members from the cached tars, or streamed when the shards' locations are URLs
+    (whole shards held up to ``stream_bytes``)."""
     if shards and is_url(shards[0].location):
-        return StreamedMembers(shards, storage_options)
+        return StreamedMembers(shards, storage_options, stream_bytes)
     return LocalMembers(shards)

@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from node.loaders.base import Batch, Loader, LoaderConfig, timed_to_device
+from node.loaders.staging import StagingBound, batch_bytes, check_host_staging, worker_bound
 from shared.formats import Format
 from shared.formats.base import is_url
 
@@ -46,6 +47,8 @@ TAR_NAME = "samples.tar"
 INDEX_NAME = "index.parquet"
 LABEL_EXT = "cls"
 SHUFFLE_BUFFER = 5_000  # samples, encoded; WebDataset's examples use 1,000-5,000
+SAMPLE_OVERHEAD = 1 << 10  # per buffered sample beside its image: dict, key, label member
+PREFETCH = 2  # the DataLoader's default prefetch_factor, which WebDataset's users keep
 # Member extensions tried for the image, after the format's own (WebDataset's getfirst).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "jp2")
 # images, labels, positions, and each sample's member bytes
@@ -64,6 +67,14 @@ def tar_keys(shard_dir: str) -> tuple[str, ...]:
     if "member" in table.column_names:  # member names: <key>.<ext>
         return tuple(m.split(".", 1)[0] for m in table.column("member").to_pylist())
     return tuple(table.column("key").to_pylist())
+
+
+def largest_member(shard_dir: str) -> int:
+    """The largest image member of a shard (its index's ``bytes``), else the tar's size."""
+    table = pq.read_table(os.path.join(shard_dir, INDEX_NAME))
+    if "bytes" not in table.column_names or not table.num_rows:
+        return os.path.getsize(os.path.join(shard_dir, TAR_NAME))
+    return int(max(table.column("bytes").to_pylist()))
 
 
 class _Placer:
@@ -181,6 +192,7 @@ class WebDatasetLoader(Loader):
                 raise ValueError(f"webdataset: {s.location} has no {TAR_NAME}")
             self.urls.append(path)
         self._tar_keys = [tar_keys(s.location) for s in config.shards]
+        self._largest = max((largest_member(s.location) for s in config.shards), default=0)
         self._epoch = multiprocessing.Value("q", 0)
         self._dataloader: DataLoader[Any] | None = None
 
@@ -192,11 +204,28 @@ class WebDatasetLoader(Loader):
             return "webdataset: package webdataset not installed (pip install -e '.[peers]')"
         return None
 
+    def staging_bound(self) -> StagingBound:
+        """:func:`~node.loaders.staging.worker_bound` at the DataLoader's default prefetch
+        of :data:`PREFETCH` (the workers' re-cut short batches at the end of an epoch are
+        fewer than the batches it counts), plus each worker's shuffle buffer of
+        :data:`SHUFFLE_BUFFER` encoded samples, each at most the largest member."""
+        c = self.config
+        bound = worker_bound(batch_bytes(c.batch_size, c.image_shape), c.workers,
+                             pinned=c.device.type == "cuda", prefetch=PREFETCH)
+        if not c.shuffle:
+            return bound
+        per_worker = SHUFFLE_BUFFER * (self._largest + SAMPLE_OVERHEAD)
+        return bound._replace(fixed_bytes=max(1, c.workers) * per_worker)
+
+    def check_fits(self) -> None:
+        check_host_staging(self.name, self.staging_bound(), self.config.host_staging_mib)
+
     def _build(self) -> DataLoader[Any]:
         c = self.config
         options: dict[str, Any] = {}
         if c.workers > 0:
-            options = {"persistent_workers": True, "worker_init_fn": _init_worker}
+            options = {"persistent_workers": True, "worker_init_fn": _init_worker,
+                       "prefetch_factor": PREFETCH}
         return DataLoader(_WdsEpochs(c, self.urls, self._tar_keys, self._epoch), batch_size=None,
                           num_workers=max(0, c.workers), pin_memory=c.device.type == "cuda",
                           **options)

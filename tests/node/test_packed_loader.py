@@ -187,3 +187,43 @@ def test_cache_verifies_the_tar_and_fetches_a_damaged_one_again(packed_s3: Datas
     _, again = ShardCache(store, packed_s3.manifest, cache_dir).fetch(ranges)
     assert again.files_refetched == 1 and again.files_fetched == 1
     assert tar.read_bytes() == good
+
+
+def test_staging_bound_and_stream_read_ahead_within_the_budget(
+        packed_s3: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cached small images: the DataLoader workers' bound; in threads: the ring; streamed:
+    the ring, the GETs in flight and a read-ahead of what the budget leaves, which the
+    reader then holds to (whole shards only where they fit, ranged GETs beyond)."""
+    from node.loaders import LoaderUnavailable
+    from node.loaders.packed_io import FETCH_THREADS, PART_BYTES, STREAM_BUFFER_BYTES
+    from node.loaders.staging import (
+        BUDGET_ENV, MIB, batch_bytes, physical_memory, thread_bound, worker_bound)
+
+    cached_cfg, remote_cfg = configs(packed_s3, tmp_path, FORMAT)
+    b = batch_bytes(48, (32, 32, 3))
+    assert PackedLoader(cached_cfg).staging_bound() == worker_bound(b, 2, pinned=False)
+    assert PackedThreadLoader(cached_cfg).staging_bound() == thread_bound(b, True, False)
+    base = thread_bound(b, True, False)._replace(fixed_bytes=FETCH_THREADS * PART_BYTES)
+    default = min(STREAM_BUFFER_BYTES, physical_memory() // 2 - base.total_bytes)
+    assert PackedLoader(remote_cfg).staging_bound() == base._replace(read_ahead=default)
+    tar_bytes = sum(f.bytes for r in assign(packed_s3.manifest, FORMAT, "train")
+                    for f in r.entry.files)
+    for room, whole_shards in ((tar_bytes + MIB, True), (1024, False)):
+        monkeypatch.setenv(BUDGET_ENV, str((base.total_bytes + room) / MIB))
+        streamed = PackedLoader(remote_cfg)
+        try:
+            bound = streamed.staging_bound()
+            assert abs(bound.read_ahead - room) <= 1
+            streamed.check_fits()
+            _, got_bytes = epoch_by_position(streamed)
+            source = streamed._reader.source
+            assert source.buffer_bytes == bound.read_ahead
+            if whole_shards:
+                assert 0.9 * tar_bytes < source.fetched_bytes <= tar_bytes
+            else:  # no shard fits in 1 KiB: just the members, by ranged GETs
+                assert source.fetched_bytes == got_bytes.sum()
+        finally:
+            streamed.close()
+    monkeypatch.setenv(BUDGET_ENV, str((base.total_bytes - 1024) / MIB))
+    with pytest.raises(LoaderUnavailable, match=r"^packed: host staging needs .* over the"):
+        PackedLoader(remote_cfg).check_fits()

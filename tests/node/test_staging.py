@@ -66,6 +66,19 @@ def test_mmap_and_cupy_bounds() -> None:
     assert cupy_bound(1000).total_bytes == 2000
 
 
+def test_thread_bound_and_read_ahead() -> None:
+    from node.loaders.staging import thread_bound, with_read_ahead
+
+    assert thread_bound(B512, True, pinned=False) == StagingBound(4, 0, 1, B512)
+    assert thread_bound(B512, False, pinned=True) == StagingBound(0, 2, 1, B512)
+    base = thread_bound(B512, True, pinned=False)._replace(fixed_bytes=32 * MIB)
+    roomy = with_read_ahead(base, 4 << 30, 64 << 30)  # the ceiling, then
+    assert roomy.read_ahead == 4 << 30 and roomy.describe().endswith("+ 4096 MiB read-ahead")
+    tight = with_read_ahead(base, 4 << 30, base.total_bytes + 100 * MIB)  # what is left
+    assert tight.read_ahead == 100 * MIB and tight.total_bytes == base.total_bytes + 100 * MIB
+    assert with_read_ahead(base, 4 << 30, base.total_bytes - 1).read_ahead == 0
+
+
 def test_bounds_grow_with_batch_and_workers_only() -> None:
     for bound in (worker_bound, mmap_bound):
         for pinned in (False, True):
@@ -94,7 +107,13 @@ def test_budget_from_the_environment(tmp_path: Path) -> None:
     assert reason.startswith("file: host staging needs up to 9792 MiB "
                              "(18 batches + 17 pinned + 16 scratch) x 192.0 MiB")
     with pytest.raises(LoaderUnavailable, match=f"^zarr: {BUDGET_ENV}='x' is not"):
-        check_host_staging("zarr", bound, {BUDGET_ENV: "x"})
+        check_host_staging("zarr", bound, environ={BUDGET_ENV: "x"})
+    # The flag's value (the loader config's host_staging_mib) overrides the environment
+    fits = bound.total_bytes / MIB
+    assert host_budget({BUDGET_ENV: "1"}, mib=fits) == bound.total_bytes
+    check_host_staging("file", bound, fits, environ={BUDGET_ENV: "1"})
+    with pytest.raises(LoaderUnavailable, match=r"MiB \(--host-staging-mib\); use a smaller"):
+        check_host_staging("file", bound, fits / 2, environ={BUDGET_ENV: str(2 * fits)})
 
 
 def config_for(root: Path, format_id: str, *, batch: int, workers: int) -> LoaderConfig:
@@ -130,3 +149,72 @@ def test_loaders_are_built_as_bounded_and_refused_over_budget(
             loader.check_fits()
     finally:
         loader.close()
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_numpy_mmap_is_bounded_and_refused_over_budget(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
+    from node.errors import UsageError
+    from node.session import build_loader
+
+    config = config_for(tmp_path, "npy", batch=4, workers=workers)
+    loader = LOADERS["numpy_mmap"](config)
+    try:
+        bound = loader.staging_bound()
+        assert bound == mmap_bound(4 * 8 * 8 * 3, workers, pinned=False)
+        monkeypatch.setenv(BUDGET_ENV, str(bound.total_bytes / MIB))
+        loader.check_fits()
+    finally:
+        loader.close()
+    # The run path (session.build_loader) refuses it in one line before any read.
+    monkeypatch.setenv(BUDGET_ENV, str((bound.total_bytes - 1) / MIB))
+    with pytest.raises(UsageError, match=r"^loader 'numpy_mmap': numpy_mmap: host staging "
+                                         r"needs") as info:
+        build_loader(LOADERS["numpy_mmap"], config)
+    assert "\n" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def npy_store(cifar_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    from conftest import convert
+
+    store = tmp_path_factory.mktemp("staging-npy") / "store"
+    code, output = convert(cifar_archive, str(store), ("npy",))
+    assert code == 0, output
+    return str(store)
+
+
+def test_host_staging_flag_overrides_the_environment(
+        npy_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``node-agent --host-staging-mib``: refused under it in one line (exit 2, nothing
+    written); over an environment budget that would refuse, it lets the run go, and the
+    config column records it."""
+    import json
+
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from node.cli import cli
+
+    def run(out: Path, mib: str) -> object:
+        return CliRunner().invoke(cli, [
+            "bench", "--store", npy_store, "--dataset", "cifar10", "--format", "npy",
+            "--loader", "numpy_mmap", "--cache", str(out / "cache"), "--results",
+            str(out / "results"), "--epochs", "1", "--batch-size", "64", "--workers", "0",
+            "--max-steps", "1", "--host-staging-mib", mib])
+
+    monkeypatch.delenv(BUDGET_ENV, raising=False)
+    refused = run(tmp_path / "a", "0.01")  # a batch of 64 32x32 images is 0.19 MiB
+    assert refused.exit_code == 2, refused.output
+    lines = [line for line in refused.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and "Traceback" not in refused.output, refused.stderr
+    assert lines[0].startswith("node-agent: error: loader 'numpy_mmap': numpy_mmap: host "
+                               "staging needs up to 0.38 MiB"), lines[0]
+    assert "over the budget of 0.01 MiB (--host-staging-mib)" in lines[0]
+    assert not (tmp_path / "a" / "results").exists()
+    monkeypatch.setenv(BUDGET_ENV, "0.01")
+    ran = run(tmp_path / "b", "64")
+    assert ran.exit_code == 0, ran.output
+    row = pd.read_parquet(tmp_path / "b" / "results" / "runs").iloc[0]
+    config = row["config"] if isinstance(row["config"], dict) else json.loads(row["config"])
+    assert config["host_staging_mib"] == 64

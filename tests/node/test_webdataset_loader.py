@@ -231,3 +231,35 @@ def test_registered_for_packed_formats_only(root: Path, tmp_path: Path) -> None:
                          start=0, stop=1, keys=config.shards[0].keys)
         with pytest.raises(ValueError, match=message):
             WebDatasetLoader(dataclasses.replace(config, shards=(bad,)))
+
+
+def test_staging_bound_counts_prefetch_and_shuffle_buffer(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from node.loaders import LoaderUnavailable
+    from node.loaders.staging import BUDGET_ENV, MIB, batch_bytes, worker_bound
+    from node.loaders.webdataset_loader import SAMPLE_OVERHEAD, SHUFFLE_BUFFER
+
+    config, _ = make_config(root, FULL, workers=2)
+    largest = 0
+    for s in config.shards:
+        with tarfile.open(Path(s.location) / "samples.tar") as tar:
+            largest = max([largest, *(m.size for m in tar.getmembers()
+                                      if not m.name.endswith(".cls"))])
+    loader = WebDatasetLoader(config)
+    try:
+        bound = loader.staging_bound()
+        batches = worker_bound(batch_bytes(BATCH, (H, W, 3)), 2, pinned=False, prefetch=2)
+        assert bound == batches._replace(fixed_bytes=2 * SHUFFLE_BUFFER * (largest
+                                                                           + SAMPLE_OVERHEAD))
+        dataloader = loader._build()  # the DataLoader prefetches as many as the bound counts
+        assert dataloader.prefetch_factor * dataloader.num_workers == bound.batches - 2
+        unshuffled = WebDatasetLoader(dataclasses.replace(config, shuffle=False))
+        assert unshuffled.staging_bound() == batches  # no shuffle buffer
+        monkeypatch.setenv(BUDGET_ENV, str(bound.total_bytes / MIB))
+        loader.check_fits()
+        monkeypatch.setenv(BUDGET_ENV, str((bound.total_bytes - 1) / MIB))
+        with pytest.raises(LoaderUnavailable, match=r"^webdataset: host staging needs .* \+ "
+                                                    r"\d+ MiB, over the budget"):
+            loader.check_fits()
+    finally:
+        loader.close()
