@@ -12,13 +12,15 @@ scan. The format, as DALI's ``webdataset_loader.cc`` parses it (``ParseIndexFile
 ``ParseSampleDesc``): a first line ``v1.2 <sample count>`` (count > 0), then one line
 per sample of ``<ext> <data offset> <size> <member name>`` per component, each offset a
 multiple of the 512-byte tar block; ``ReadSample`` seeks to each offset and reads
-``size`` bytes, so the lines need not follow tar order.
+``size`` bytes, so the lines need not follow tar order. (Read in NVIDIA/DALI at
+commit 010a519f for ``webdataset_loader.cc``, 0aa2ef5f for ``tools/wds2idx.py``.)
 
 Order. DALI's reader returns samples in index-file order when ``random_shuffle`` is
-off; its shuffle draws from a read-ahead buffer (``initial_fill``) that does not stop
-at the epoch's end, so this loader leaves it off and shuffles through the index files:
-each epoch it writes one file per shard into its own temporary folder (not the cache:
-the order changes per epoch) listing the rank's range of the shard in an order from
+off; its shuffle picks from a read-ahead buffer of ``initial_fill`` samples
+(``Loader::ReadOne`` in ``loader.h``), a local shuffle in DALI generator's order. This
+loader leaves it off and shuffles through the index files instead, a full in-shard
+shuffle at no cost: each epoch it writes one file per shard into its own temporary
+folder (not the cache: the order changes per epoch) listing the rank's range in an order from
 ``(seed, epoch, shard)``, and hands DALI the tars in a shard order from ``(seed,
 epoch)``. That is a shard shuffle plus a full in-shard shuffle, not the contract's
 planned batches: ``follows_plan`` is False, as for ``webdataset``. The reader runs with
