@@ -195,7 +195,7 @@ step convert-photos 60 "$PY" prep/convert.py --source image-folder --src "$WORK/
 # ------------------------------------------------------------------ 4. GPU loader tests
 log "pytest -m gpu tests/node/test_gpu_loaders.py"
 step pytest-gpu-loaders 90 "$PY" -m pytest -m gpu -q -p no:cacheprovider \
-    tests/node/test_gpu_loaders.py tests/node/test_gds.py tests/node/test_cupy_window.py \
+    tests/node/test_gpu_loaders.py tests/node/test_dali_packed.py tests/node/test_gds.py tests/node/test_cupy_window.py \
     >>"$PYTEST_LOG" 2>&1
 log "  exit $STEP_RC ($(tail -n 1 "$PYTEST_LOG"))"
 

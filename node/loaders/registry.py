@@ -152,6 +152,10 @@ LOADER_SPECS.register(LoaderSpec(
     'DALI readers.numpy(device="gpu"): cuFile reads of npy-files '
     "into GPU memory (GPUDirect Storage from local NVMe)", ("nvidia.dali",)))
 LOADER_SPECS.register(LoaderSpec(
+    "dali_packed", "node.loaders.dali_packed:DaliPackedLoader", "cuda", Reads(kinds=("packed",)),
+    'DALI readers.webdataset over the packed tars (index files from the shard index), '
+    'decoders.image(device="mixed")', ("nvidia.dali",)))
+LOADER_SPECS.register(LoaderSpec(
     "nvjpeg", "node.loaders.nvjpeg:NvjpegLoader", "cuda", Reads(("files",), ("jpeg",)),
     "file bytes read by DataLoader workers, batch-decoded on the GPU "
     "by torchvision.io.decode_jpeg (nvJPEG)"))
