@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from node.loaders.registry import LOADER_SPECS
 from node.report.groups import varying, with_settings
 from node.report.kinds import is_streamed, kinds_line, option_label
 from node.report.tables import _first, format_bytes, format_size_table, primary_summary
@@ -23,7 +24,8 @@ from node.report.units import _bytes, _fraction, _pct, _rate, _seconds
 
 DATA_BOUND = 0.10  # a loader waited for data longer than this share of the epoch
 MIN_REPEATS = 3    # runs of each side before a difference in speed is called a win
-GPU_LOADERS = ("cupy", "kvikio", "dali", "dali_gds", "nvjpeg")
+# formatlab's GPU loaders, as the loader registry declares them.
+GPU_LOADERS = tuple(name for name, spec in LOADER_SPECS.items() if spec.device_kind == "cuda")
 
 
 _PICK_FIGURES = ("throughput_img_s", "throughput_img_s_min", "throughput_img_s_max",
