@@ -239,13 +239,18 @@ class WorkerLoader(Loader):
 
     def close(self) -> None:
         dataloader, self._dataloader = self._dataloader, None
-        if dataloader is not None:
-            # Persistent workers live in the DataLoader's cached iterator; stop them now
-            # rather than whenever the garbage collector gets to it.
-            iterator = getattr(dataloader, "_iterator", None)
-            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-                iterator._shutdown_workers()
-            dataloader._iterator = None
+        shutdown_workers(dataloader)
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+
+
+def shutdown_workers(dataloader: Any) -> None:
+    """Stop a DataLoader's persistent workers now (they live in its cached iterator)
+    rather than whenever the garbage collector gets to it."""
+    if dataloader is None:
+        return
+    iterator = getattr(dataloader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    dataloader._iterator = None

@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from node.loaders.base import Batch, Loader, LoaderConfig, timed_to_device
+from node.loaders.common import shutdown_workers
 from node.loaders.staging import StagingBound, batch_bytes, check_host_staging, worker_bound
 from shared.formats import Format
 from shared.formats.base import is_url
@@ -251,11 +252,7 @@ class WebDatasetLoader(Loader):
 
     def close(self) -> None:
         dataloader, self._dataloader = self._dataloader, None
-        if dataloader is not None:
-            iterator = getattr(dataloader, "_iterator", None)
-            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-                iterator._shutdown_workers()
-            dataloader._iterator = None
+        shutdown_workers(dataloader)
 
 
 def _recut(short: list[_HostBatch], batch_size: int) -> Iterator[_HostBatch]:
