@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shared.shards import parquet_table
 from shared.storage import Store, redact
 
 SCHEMA_VERSION = 3  # 2: measured cold, memory kinds, CPU budget, wait percentiles, stages;
@@ -254,5 +255,5 @@ def read_table(results: Store, table: str) -> "Any":
     frames = []
     for rel in files:
         with results.open_file(rel, "rb") as f:
-            frames.append(pq.read_table(f).to_pandas())
+            frames.append(parquet_table(f.read()).to_pandas())
     return pd.concat(frames, ignore_index=True)

@@ -219,7 +219,7 @@ def committed_shard(dataset: Store, format_id: str, split: str, index: int,
     except FileNotFoundError:
         return None
     try:
-        table = pq.read_table(io.BytesIO(index_bytes))
+        table = parquet_table(index_bytes)
         meta = json.loads((table.schema.metadata or {})[_META_KEY])
     except Exception:  # noqa: BLE001 - a damaged index means "not committed"
         return None
@@ -231,14 +231,30 @@ def committed_shard(dataset: Store, format_id: str, split: str, index: int,
                       index_checksum=checksum_bytes(index_bytes), files=extras)
 
 
+def parquet_table(source: bytes | str) -> pa.Table:
+    """A whole Parquet file, from its bytes or a local path.
+
+    Bytes are copied into Arrow's own memory first: Arrow reads on its own threads, and a
+    reader over a Python object (a file object, or bytes Arrow only borrows) takes the GIL
+    there to let it go; when that happens after the interpreter began to exit (a refused
+    index ends a command at once) the process aborts ("terminate called without an
+    active exception") instead of exiting with its code. Indexes and results files are
+    small: the copy costs nothing measurable.
+    """
+    if not isinstance(source, str):
+        owned = pa.BufferOutputStream()
+        owned.write(source)
+        return pq.read_table(pa.BufferReader(owned.getvalue()))
+    return pq.read_table(source)
+
+
 def read_index(data: bytes | str | Path) -> pa.Table:
     """Parse an index (bytes or a local path) and check its file paths stay in the shard.
 
     Raises:
         shared.storage.PathEscapeError: a ``file`` entry is absolute or climbs out.
     """
-    source = io.BytesIO(data) if isinstance(data, bytes) else str(data)
-    table = pq.read_table(source)
+    table = parquet_table(data if isinstance(data, bytes) else str(data))
     if "file" in table.column_names:
         for name in table.column("file").to_pylist():
             check_relative(name)
