@@ -9,10 +9,13 @@ Then, warm page cache, best epoch of several, all in this one run:
 - packed (decode threads) vs ``file`` (DataLoader workers), 32 px, same workers;
 - packed vs the bare decode rate: cores x one core's libjpeg-turbo rate on the same
   JPEG bytes (one thread, decoding from memory into a preallocated batch), 32 and 512 px;
-- packed (DataLoader workers on small cached images) vs the same reader in threads
-  (why processes are the default there; 512 px and streaming use threads);
+- packed (threads: JPEG decodes in a compiled loop that holds no GIL) vs the same
+  reader in DataLoader worker processes (why threads are the default);
 - the first epoch streamed from ``rclone serve s3`` on loopback (``--no-cache``: fresh
-  loader, whole shards fetched ahead) vs the cached copy's best epoch.
+  loader, whole shards fetched ahead) vs the cached copy's best epoch, interleaved.
+
+``benchmarks/peers.py`` runs the 512 px and streaming checks too (:func:`check_512`,
+:func:`streaming_check`), on its own data.
 
     python benchmarks/bench_packed.py [--samples 50000] [--samples-512 800] [--rounds 3]
 
@@ -40,15 +43,15 @@ from bench_cache import start_s3  # noqa: E402 - benchmarks/ is the script's fol
 from limits import Check, finish  # noqa: E402
 from node.loaders.base import Loader, LoaderConfig, ShardSlice  # noqa: E402
 from node.loaders.file import FileLoader  # noqa: E402
-from node.loaders.packed import (PackedLoader, PackedThreadLoader, _TurboJpeg,  # noqa: E402
-                                 turbojpeg_path)
+from node.loaders.packed import PackedLoader, PackedProcessLoader  # noqa: E402
+from node.loaders.turbojpeg import TurboJpeg, turbojpeg_path  # noqa: E402
 from shared.formats import get_format  # noqa: E402
 from shared.shards import ShardIndex, shard_path, write_shard  # noqa: E402
 from shared.storage import Store  # noqa: E402
 
 VS_FILE = 1.0  # packed must beat one file per sample
 VS_BARE = 0.9  # issue 18: at least 0.9x cores x one core's decode rate
-VS_THREADS = 1.0  # the default for cached tars (processes) must not lose to threads
+VS_WORKERS = 1.0  # the default for cached JPEG tars (threads) must not lose to workers
 STREAM_VS_CACHED = 0.8  # issue 18: first streamed epoch vs the cached copy
 SHARD_PIXEL_BYTES = 64 << 20  # prep's default shard size, in decoded pixels
 
@@ -146,12 +149,13 @@ def decode_rate(shards: Sequence[ShardSlice], size: int, limit: int, processes: 
 def _decode_all(members: list[bytes], size: int) -> None:
     out = np.empty((256, size, size, 3), np.uint8)
     path = turbojpeg_path()
-    if path:
-        turbo = _TurboJpeg(path)
-        step = size * size * 3
-        for k, buf in enumerate(np.frombuffer(m, np.uint8) for m in members):
-            turbo.decode_into(buf.ctypes.data, len(buf), out.ctypes.data + (k % 256) * step,
-                              size, size)
+    if path:  # the packed loader's own decode call, 256 members at a time
+        buf = np.frombuffer(b"".join(members), np.uint8)
+        sizes = np.array([len(m) for m in members], np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        turbo = TurboJpeg(path)
+        for lo in range(0, len(members), 256):
+            turbo.decode_many(buf, starts[lo:lo + 256], sizes[lo:lo + 256], out)
         turbo.close()
         return
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -182,76 +186,95 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     cores = len(os.sched_getaffinity(0))
-    decoder = "libturbojpeg" if turbojpeg_path() else "torchvision.io"
     timing = {"batch_size": args.batch_size, "workers": args.workers, "epochs": args.epochs}
-    checks = []
     with tempfile.TemporaryDirectory(prefix="bench-packed-") as tmp:
         root = Path(tmp) / "s3" / "bucket"
         t0 = time.perf_counter()
         packed = build(root, "wds-jpeg-q95", args.samples, 32, args.seed)
         files = build(root, "jpeg-q95", args.samples, 32, args.seed)
-        big = build(Path(tmp) / "big", "wds-jpeg-q95", args.samples_512, 512, args.seed)
-        print(f"built {args.samples} 32 px and {args.samples_512} 512 px JPEGs in "
-              f"{time.perf_counter() - t0:.0f} s; decoder {decoder}, {cores} cores", flush=True)
-        runs: dict[str, list[list[float]]] = {k: [] for k in
-                                              ("packed", "file", "threads", "big")}
-        core = {"32": 0.0, "512": 0.0, "32-all": 0.0, "512-all": 0.0}
+        print(f"built {args.samples} 32 px JPEGs in {time.perf_counter() - t0:.0f} s; "
+              f"decoder {decoder_name()}, {cores} cores", flush=True)
+        runs: dict[str, list[list[float]]] = {k: [] for k in ("packed", "file", "workers")}
+        one, every = 0.0, 0.0
         for _ in range(args.rounds):  # interleaved, so drift hits every side alike
             runs["packed"].append(time_loader(PackedLoader, "wds-jpeg-q95", packed,
                                               (32, 32, 3), **timing))
             runs["file"].append(time_loader(FileLoader, "jpeg-q95", files, (32, 32, 3),
                                             **timing))
-            runs["threads"].append(time_loader(PackedThreadLoader, "wds-jpeg-q95", packed,
+            runs["workers"].append(time_loader(PackedProcessLoader, "wds-jpeg-q95", packed,
                                                (32, 32, 3), **timing))
-            runs["big"].append(time_loader(PackedLoader, "wds-jpeg-q95", big, (512, 512, 3),
-                                           **timing))
-            for px, shards, limit in (("32", packed, 20_000), ("512", big, 200)):
-                core[px] = max(core[px], decode_rate(shards, int(px), limit))
-                core[f"{px}-all"] = max(core[f"{px}-all"],
-                                        decode_rate(shards, int(px), limit, cores))
+            one = max(one, decode_rate(packed, 32, 20_000))
+            every = max(every, decode_rate(packed, 32, 20_000, cores))
         rate = {k: best(v) for k, v in runs.items()}
-        checks += [
+        checks = [
             Check("packed vs file, 32 px JPEG", rate["packed"] / rate["file"], VS_FILE, ">=",
                   f"{rate['packed']:,.0f} vs {rate['file']:,.0f} img/s, {args.workers} workers"),
-            Check("packed vs bare decode, 32 px JPEG", rate["packed"] / (cores * core["32"]),
-                  VS_BARE, ">=", f"{rate['packed']:,.0f} vs {cores} x {core['32']:,.0f} img/s "
-                  f"({decoder}, one core; {cores} processes at once: "
-                  f"{core['32-all']:,.0f})"),
-            Check("packed vs bare decode, 512 px JPEG", rate["big"] / (cores * core["512"]),
-                  VS_BARE, ">=", f"{rate['big']:,.0f} vs {cores} x {core['512']:,.0f} img/s "
-                  f"({cores} processes at once: {core['512-all']:,.0f})"),
-            Check("packed processes vs threads, 32 px", rate["packed"] / rate["threads"],
-                  VS_THREADS, ">=", f"{rate['packed']:,.0f} (DataLoader workers) vs "
-                  f"{rate['threads']:,.0f} img/s (threads)"),
+            bare_check(32, rate["packed"], one, every, cores),
+            Check("packed default (threads) vs DataLoader workers, 32 px",
+                  rate["packed"] / rate["workers"], VS_WORKERS, ">=",
+                  f"{rate['packed']:,.0f} vs {rate['workers']:,.0f} img/s"),
+            check_512(Path(tmp) / "big", args.samples_512, args.seed, args.rounds, timing),
         ]
         if not args.no_s3:
-            checks.append(streaming_check(Path(tmp), packed, rate["packed"], args, timing))
+            checks.append(streaming_check(Path(tmp) / "s3", "bucket", packed, 32, args.rounds,
+                                          timing))
     return finish(checks)
 
 
-def streaming_check(tmp: Path, packed: list[ShardSlice], cached_rate: float,
-                    args: argparse.Namespace, timing: dict[str, int]) -> Check:
-    """First epoch streamed from loopback S3 (fresh loader each round) vs the cached rate."""
-    server = start_s3(tmp / "s3")
+def decoder_name() -> str:
+    return "libturbojpeg" if turbojpeg_path() else "torchvision.io"
+
+
+def bare_check(px: int, loader_rate: float, one_core: float, all_cores: float,
+               cores: int) -> Check:
+    """The loader against cores x one core's bare decode rate of the same JPEGs."""
+    return Check(f"packed vs bare decode, {px} px JPEG", loader_rate / (cores * one_core),
+                 VS_BARE, ">=", f"{loader_rate:,.0f} vs {cores} x {one_core:,.0f} img/s "
+                 f"({decoder_name()}, one core; {cores} processes at once: {all_cores:,.0f})")
+
+
+def check_512(root: Path, samples: int, seed: int, rounds: int,
+              timing: dict[str, int]) -> Check:
+    """``samples`` 512x512 JPEGs packed under ``root``: the packed loader's best epoch
+    against cores x one core's bare decode rate, interleaved over ``rounds``."""
+    cores = len(os.sched_getaffinity(0))
+    big = build(root, "wds-jpeg-q95", samples, 512, seed)
+    runs, one, every = [], 0.0, 0.0
+    for _ in range(rounds):
+        runs.append(time_loader(PackedLoader, "wds-jpeg-q95", big, (512, 512, 3), **timing))
+        one = max(one, decode_rate(big, 512, 200))
+        every = max(every, decode_rate(big, 512, 200, cores))
+    return bare_check(512, best(runs), one, every, cores)
+
+
+def streaming_check(served: Path, bucket: str, packed: list[ShardSlice], size: int,
+                    rounds: int, timing: dict[str, int],
+                    format_id: str = "wds-jpeg-q95") -> Check:
+    """First epoch of ``packed`` (local shards of ``size`` px under ``served / bucket``)
+    streamed from ``rclone serve s3`` of ``served`` on loopback, a fresh loader each
+    round, against the same loader's best epoch on the local copy, interleaved."""
+    server = start_s3(served)
     try:
         options = server.storage_options
+        paths = [Path(s.location).relative_to(served / bucket).as_posix() for s in packed]
         # The node reads every index through the store before its first epoch (the fill
         # step): the S3 session exists by then, so it does here too.
-        Store.open("s3://bucket", options).read_bytes(
-            f"{shard_path('wds-jpeg-q95', 'train', 0)}/index.parquet")
-        remote = [ShardSlice(location=f"s3://bucket/{shard_path('wds-jpeg-q95', 'train', i)}",
-                             labels=s.labels, files=None, start=s.start, stop=s.stop,
-                             keys=s.keys) for i, s in enumerate(packed)]
-        first = [time_loader(PackedLoader, "wds-jpeg-q95", remote, (32, 32, 3),
-                             storage_options=options, **{**timing, "epochs": 1})
-                 for _ in range(args.rounds)]
+        Store.open(f"s3://{bucket}", options).read_bytes(f"{paths[0]}/index.parquet")
+        remote = [ShardSlice(location=f"s3://{bucket}/{path}", labels=s.labels, files=None,
+                             start=s.start, stop=s.stop, keys=s.keys)
+                  for path, s in zip(paths, packed, strict=True)]
+        first, cached = [], []
+        for _ in range(rounds):
+            cached.append(time_loader(PackedLoader, format_id, packed, (size, size, 3),
+                                      **timing))
+            first.append(time_loader(PackedLoader, format_id, remote, (size, size, 3),
+                                     storage_options=options, **{**timing, "epochs": 1}))
     finally:
         server.stop()
-    stream_rate = best(first, first=True)
-    return Check("packed streamed first epoch vs cached, 32 px", stream_rate / cached_rate,
+    stream_rate, cached_rate = best(first, first=True), best(cached)
+    return Check(f"packed streamed first epoch vs cached, {size} px", stream_rate / cached_rate,
                  STREAM_VS_CACHED, ">=", f"{stream_rate:,.0f} vs {cached_rate:,.0f} img/s "
                  "(loopback rclone serve s3)")
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,10 +20,15 @@ page cache; each epoch is checked to deliver every sample exactly once with its 
 
 Ratios (best epoch of each, one run), each printed against its limit; exit status 1
 when one misses: ``file`` vs ImageFolder (mean rate), ``numpy_mmap`` vs a bare NumPy
-gather of the same batches, ``packed`` vs FFCV JPEG. A peer whose package is missing
-gets one line saying why instead of a row (``pip install -e '.[peers]'``, docs/peers.md).
+gather of the same batches, ``packed`` vs FFCV JPEG; and issue 18's two packed checks
+from ``benchmarks/bench_packed.py``: ``packed`` at 512x512 vs cores x one core's bare
+libjpeg-turbo rate (``--samples-512`` images), and the first epoch streamed from
+``rclone serve s3`` on loopback vs the cached copy (the same 32 px packed shards). A peer
+whose package is missing gets one line saying why instead of a row
+(``pip install -e '.[peers]'``, docs/peers.md).
 
-    python benchmarks/peers.py [--samples N] [--epochs N] [--results URL]
+    python benchmarks/peers.py [--samples N] [--epochs N] [--samples-512 N] [--no-s3]
+                               [--results URL]
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import peers_loaders as peers  # noqa: E402 - benchmarks/ is the script's folder
+from bench_packed import check_512, streaming_check  # noqa: E402
 from limits import Check, finish  # noqa: E402
 from node.loaders import LOADER_SPECS  # noqa: E402
 from node.loaders.base import epoch_batches  # noqa: E402
@@ -262,6 +268,26 @@ def checks(results: dict[str, Result], notes: list[str]) -> list[Check]:
     return [c for c in out if c is not None]
 
 
+def packed_checks(data: Data, args: argparse.Namespace, notes: list[str],
+                  note: str | None) -> list[Check]:
+    """The packed loader at 512 px against the bare decode, and streamed from loopback S3
+    against its cached copy (two rounds each, interleaved)."""
+    if note is not None:
+        notes.append(f"packed at 512 px and streamed: not measured ({note})")
+        return []
+    timing = {"batch_size": args.batch_size, "workers": args.workers, "epochs": args.epochs}
+    print(f"packed: {args.samples_512} 512x512 JPEGs against the bare decode"
+          + ("" if args.no_s3 else "; streamed from loopback S3 against the cached copy"),
+          flush=True)
+    out = [check_512(data.root / "big", args.samples_512, args.seed, 2, timing)]
+    if args.no_s3:
+        notes.append("packed streamed first epoch vs cached: not measured (--no-s3)")
+    else:
+        out.append(streaming_check(data.root, "store", data.shards[PACKED_FORMAT], SIZE, 2,
+                                   timing, PACKED_FORMAT))
+    return out
+
+
 def run(args: argparse.Namespace, root: Path) -> list[Check]:
     t0 = time.perf_counter()
     note = packed_note()
@@ -285,7 +311,7 @@ def run(args: argparse.Namespace, root: Path) -> list[Check]:
                 rows.append(row)
         results.update((r.label, r) for r in measure(rows, data, epochs))
     print_table(list(results.values()))
-    found = checks(results, notes)
+    found = checks(results, notes) + packed_checks(data, args, notes, note)
     for line in notes:
         print(f"note: {line}")
     if args.results:
@@ -301,12 +327,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers, every loader")
+    parser.add_argument("--samples-512", type=int, default=800,
+                        help="512x512 JPEGs for the packed loader's bare-decode check")
+    parser.add_argument("--no-s3", action="store_true",
+                        help="skip the streamed-from-S3 check (no rclone)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", metavar="URL",
                         help="also append runs and epochs rows to this results store")
     args = parser.parse_args(argv)
-    if args.samples < 1 or args.epochs < 1 or args.batch_size < 1 or args.workers < 0:
-        parser.error("--samples, --epochs and --batch-size must be >= 1, --workers >= 0")
+    if (min(args.samples, args.epochs, args.batch_size, args.samples_512) < 1
+            or args.workers < 0):
+        parser.error("--samples, --samples-512, --epochs and --batch-size must be >= 1, "
+                     "--workers >= 0")
     # torchvision 0.29 warns that TorchCodec will take over image decoding; noise here.
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
     warnings.filterwarnings("ignore", category=UserWarning, module="webdataset")

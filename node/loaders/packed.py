@@ -2,31 +2,31 @@
 
 The shard's index says where each sample's member lies in ``samples.tar``; a batch is
 sorted by shard and offset (and, in threads, split into one chunk per thread); each
-worker or thread reads its members with ``os.preadv`` on the cached tar (or takes them from the store
-URL, see :mod:`node.loaders.packed_io`) and decodes them straight into the batch buffer.
-JPEG goes through libturbojpeg by ctypes when the system has it (one foreign call per
-image, which releases the GIL, into the batch's own memory: no tensor per image, no
-stack copy), else torchvision.io; PNG and WebP through torchvision.io, the rest through
-the codec's own (Pillow) decoder.
+worker or thread reads its members with ``pread(2)`` on the cached tar (or takes them
+from the store URL, see :mod:`node.loaders.packed_io`) and decodes them straight into
+the batch buffer.
+JPEG goes through libturbojpeg when the system has it: one call per chunk of a batch
+into a numba-compiled loop that holds no GIL and runs no Python per image
+(:mod:`node.loaders.turbojpeg`), decoding into the batch's own memory (no tensor per
+image, no stack copy); else torchvision.io. PNG and WebP go through torchvision.io, the
+rest through the codec's own (Pillow) decoder.
 
-Small cached images are decoded in DataLoader worker processes
-(:class:`PackedProcessLoader`), large ones and streamed shards in threads
-(:class:`PackedThreadLoader`; streaming's whole-shard read-ahead lives in one process).
-Measured here (2 shared cores, ``benchmarks/bench_packed.py`` times both, interleaved):
-at 32x32 processes were ahead in seven of nine comparisons, up to 1.8x (37,900 vs 21,200
-img/s), whenever other jobs oversubscribed the cores (a descheduled thread holding the
-GIL stalls the rest; processes also scale past the GIL's few microseconds of Python per
-image); at 512x512 threads reached 0.52-0.62 of the bare decode rate where one batch per
-worker reached 0.26 (few batches per epoch, 200 MB batches through shared memory).
-``bytes_read`` is the member bytes read; ``read_s`` and ``decode_s`` are summed over the
-batch's threads.
+JPEG decoded by the compiled loop, streamed shards and large images are read in a pool
+of threads of this process (:class:`PackedThreadLoader`; streaming's whole-shard
+read-ahead lives in one process); small images of the other codecs, decoded with
+Python work per image, in DataLoader worker processes (:class:`PackedProcessLoader`).
+Measured here (2 cores, ``benchmarks/bench_packed.py`` times both, interleaved): 32x32
+JPEG, 2 threads 125,600-135,500 img/s where 2 workers reached 58,300-65,500 (a batch
+through shared memory costs more than its decode once no GIL is held per image; before
+the loop was compiled, the GIL's few microseconds of Python per image made processes
+faster, up to 1.8x under load); at 512x512 threads reached 0.52-0.62 of the bare decode
+rate where one batch per worker reached 0.26 (few batches per epoch, 200 MB batches
+through shared memory). ``bytes_read`` is the member bytes read; ``read_s`` and
+``decode_s`` are summed over the batch's threads.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import os
 import threading
 import time
@@ -44,6 +44,7 @@ from node.loaders.base import Batch, LoaderConfig
 from node.loaders.common import BatchReader, HostBatch, WorkerLoader
 from node.loaders.numpy_mmap import _Staging
 from node.loaders.packed_io import FETCH_THREADS, PART_BYTES, STREAM_BUFFER_BYTES, open_source
+from node.loaders.turbojpeg import TurboJpeg, compiled_loop, turbojpeg_path
 from node.loaders.staging import (
     StagingBound,
     batch_bytes,
@@ -57,74 +58,11 @@ from shared.formats.wds import TAR_NAME
 from shared.manifest import INDEX_FILE
 from shared.shards import ShardIndex
 
-_TJPF_RGB = 0
 THREADS_FROM_PIXELS = 128 * 128  # images this large decode in threads (see PackedLoader)
 # See node/loaders/file.py: torchvision.io is still the decoder measured here.
 warnings.filterwarnings("ignore", category=DeprecationWarning,
                         message="The image decoding and encoding capabilities of TorchVision")
 _TORCHVISION_DECODERS = {"jpeg": decode_jpeg, "png": decode_png, "webp": decode_webp}
-
-
-class _TurboJpeg:
-    """libturbojpeg through ctypes: decode one JPEG into given memory, GIL released."""
-
-    def __init__(self, path: str) -> None:
-        lib = ctypes.CDLL(path)
-        lib.tjInitDecompress.restype = ctypes.c_void_p
-        lib.tjDestroy.argtypes = [ctypes.c_void_p]
-        lib.tjGetErrorStr2.restype = ctypes.c_char_p
-        lib.tjGetErrorStr2.argtypes = [ctypes.c_void_p]
-        int_p = ctypes.POINTER(ctypes.c_int)
-        lib.tjDecompressHeader3.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ulong,
-                                            int_p, int_p, int_p, int_p]
-        lib.tjDecompress2.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ulong,
-                                      ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                      ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        self.lib = lib
-        self.path = path
-        self._local = threading.local()
-        self._handles: list[int] = []
-        self._lock = threading.Lock()
-
-    def _state(self) -> Any:
-        state = getattr(self._local, "state", None)
-        if state is None:
-            handle = self.lib.tjInitDecompress()
-            if not handle:
-                raise RuntimeError(f"{self.path}: tjInitDecompress failed")
-            with self._lock:
-                self._handles.append(handle)
-            state = self._local.state = (handle, *(ctypes.c_int() for _ in range(4)))
-        return state
-
-    def decode_into(self, src: int, size: int, dst: int, height: int, width: int) -> None:
-        """Decode the JPEG at address ``src`` into RGB rows at ``dst``.
-
-        Raises:
-            ValueError: not a JPEG of exactly ``height`` x ``width``.
-        """
-        handle, w, h, sub, space = self._state()
-        lib = self.lib
-        if lib.tjDecompressHeader3(handle, src, size, w, h, sub, space) != 0:
-            raise ValueError(f"not a JPEG: {lib.tjGetErrorStr2(handle).decode()}")
-        if (h.value, w.value) != (height, width):
-            raise ValueError(f"decoded to shape ({h.value}, {w.value}, 3), the dataset's "
-                             f"images are ({height}, {width}, 3)")
-        if lib.tjDecompress2(handle, src, size, dst, width, 0, height, _TJPF_RGB, 0) != 0:
-            raise ValueError(f"corrupt JPEG: {lib.tjGetErrorStr2(handle).decode()}")
-
-    def close(self) -> None:
-        with self._lock:
-            handles, self._handles = self._handles, []
-        for handle in handles:
-            self.lib.tjDestroy(handle)
-        self._local = threading.local()
-
-
-@functools.cache
-def turbojpeg_path() -> str | None:
-    """The system's libturbojpeg, or None (then JPEG decodes through torchvision.io)."""
-    return ctypes.util.find_library("turbojpeg")
 
 
 class _Shard(NamedTuple):
@@ -168,13 +106,13 @@ class PackedBatchReader(BatchReader):
                                  f"the rank reads up to {s.stop}")
         self.source = open_source(self.shards, options, stream_bytes)
         path = turbojpeg_path() if self.codec.family == "jpeg" else None
-        self.turbo = _TurboJpeg(path) if path else None
+        self.turbo = TurboJpeg(path) if path else None
 
     @property
     def decoder(self) -> str:
         """Which decoder this reader uses, for ``io_evidence``."""
         if self.turbo is not None:
-            return f"libturbojpeg ({os.path.basename(self.turbo.path)}, ctypes)"
+            return f"libturbojpeg ({os.path.basename(self.turbo.path)}, {self.turbo.loop})"
         return "torchvision.io" if self.codec.family in _TORCHVISION_DECODERS else "Pillow"
 
     def plan(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -195,10 +133,7 @@ class PackedBatchReader(BatchReader):
         t1 = time.perf_counter()
         h, w, c = self.image_shape
         if self.turbo is not None and c == 3:
-            src, dst, step = buf.ctypes.data, out.ctypes.data, h * w * c
-            decode = self.turbo.decode_into
-            for k, (start, size) in enumerate(zip(starts.tolist(), sizes.tolist())):
-                decode(src + start, size, dst + k * step, h, w)
+            self.turbo.decode_many(buf, starts, sizes, out)
         else:
             for k, (start, size) in enumerate(zip(starts.tolist(), sizes.tolist())):
                 out[k] = self._decode_one(buf[start:start + size])
@@ -228,25 +163,15 @@ class PackedBatchReader(BatchReader):
         if self.turbo is not None:
             self.turbo.close()
 
-    def __getstate__(self) -> dict[str, Any]:
-        # ctypes handles do not cross processes: each worker loads the library again.
-        state = {**self.__dict__, "turbo": None}
-        state["_turbo_path"] = self.turbo.path if self.turbo is not None else None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        path = state.pop("_turbo_path")
-        self.__dict__.update(state)
-        self.turbo = _TurboJpeg(path) if path else None
-
 
 class PackedProcessLoader(WorkerLoader):
     """The reader in DataLoader worker processes, one whole batch per fetch."""
 
     name: ClassVar[str] = "packed"
     summary: ClassVar[str] = ("positional reads of tar members (cache) or ranged GETs "
-                              "(streaming), batch decode in DataLoader workers (cache) or "
-                              "threads (streaming), libturbojpeg for JPEG where present")
+                              "(streaming), batch decode in threads (JPEG through "
+                              "libturbojpeg in a compiled loop, streaming, large images) "
+                              "or DataLoader workers")
 
     def make_reader(self) -> PackedBatchReader:
         # Streamed shards are read ahead as far as the staging budget leaves room.
@@ -257,7 +182,7 @@ class PackedProcessLoader(WorkerLoader):
 
 def _evidence(reader: PackedBatchReader, where: str) -> str:
     how = ("ranged GETs from the store URL" if reader.source.remote
-           else "os.preadv of members of the cached tar")
+           else "pread(2) of members of the cached tar, in a compiled loop")
     return f"host: {how} into host memory, decoded by {reader.decoder} in {where}"
 
 
@@ -359,16 +284,18 @@ class PackedThreadLoader(PackedProcessLoader):
 
 
 class PackedLoader(PackedThreadLoader):
-    """Packed shards: DataLoader workers for small cached images, threads otherwise.
+    """Packed shards: threads, but DataLoader workers for small cached non-JPEG images.
 
     Threads when streaming (its whole-shard read-ahead feeds every batch from one
-    process) and for images of :data:`THREADS_FROM_PIXELS` pixels or more, where a batch
-    split across threads beats one batch per worker and its trip through shared memory.
+    process), for JPEG in the compiled loop (no GIL held per image), and for images of
+    :data:`THREADS_FROM_PIXELS` pixels or more, where a batch split across threads beats
+    one batch per worker and its trip through shared memory.
     """
 
     def _in_threads(self) -> bool:
         h, w, _ = self.config.image_shape
-        return _streams(self.config) or h * w >= THREADS_FROM_PIXELS
+        return (_streams(self.config) or h * w >= THREADS_FROM_PIXELS
+                or _compiled_jpeg(self.config.fmt))
 
     def resources(self) -> dict[str, int]:
         if self._in_threads():
@@ -390,6 +317,12 @@ class PackedLoader(PackedThreadLoader):
             PackedThreadLoader.release(self)
         else:
             WorkerLoader.release(self)
+
+
+def _compiled_jpeg(fmt: Format) -> bool:
+    """Whether ``fmt``'s members decode in the compiled loop (JPEG, libturbojpeg, numba)."""
+    path = turbojpeg_path() if fmt.codec.family == "jpeg" else None  # type: ignore[attr-defined]
+    return path is not None and compiled_loop(path) is not None
 
 
 def _streams(config: LoaderConfig) -> bool:

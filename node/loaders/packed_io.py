@@ -1,20 +1,23 @@
 """Where the ``packed`` loader's member bytes come from: the cached tar, or the store URL.
 
-:class:`LocalMembers` reads each member with one ``os.preadv`` into a batch buffer
-(descriptors opened lazily per process, closed by :meth:`close` so ``--cold`` can
-evict the tar's pages). :class:`StreamedMembers` (``--no-cache``) reads from the
-shard's URL in the store: when an epoch starts, a background thread fetches whole
-shards (in parts of :data:`PART_BYTES`, :data:`FETCH_THREADS` ranged GETs in flight
-through :class:`shared.storage.Store`, so errors are redacted as everywhere) in the order the epoch first needs them, up to
-the loader's read-ahead held in memory (what the host staging budget leaves,
-:meth:`node.loaders.packed.PackedThreadLoader.staging_bound`, at most
-:data:`STREAM_BUFFER_BYTES`); batches take their members from those
-copies as they arrive, and members of shards beyond the budget are fetched by ranged
-GETs of just their bytes. Nothing is kept between epochs: every epoch streams again.
+:class:`LocalMembers` reads each member with one ``pread(2)`` into a batch buffer, the
+loop over members compiled (:func:`pread_members`); descriptors are opened lazily per
+process and closed by :meth:`LocalMembers.close`, so ``--cold`` can evict the tar's pages.
+:class:`StreamedMembers` (``--no-cache``) reads from the shard's URL in the store: when
+an epoch starts, a background thread fetches whole shards (in parts of
+:data:`PART_BYTES`, :data:`FETCH_THREADS` ranged GETs in flight through
+:class:`shared.storage.Store`, so errors are redacted as everywhere) in the order the
+epoch first needs them, up to the loader's read-ahead held in memory (what the host
+staging budget leaves, :meth:`node.loaders.packed.PackedThreadLoader.staging_bound`, at
+most :data:`STREAM_BUFFER_BYTES`); batches take their members from those copies as they
+arrive, and members of shards beyond the budget are fetched by ranged GETs of just
+their bytes. Nothing is kept between epochs: every epoch streams again.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import threading
 from collections.abc import Sequence
@@ -30,6 +33,43 @@ PART_BYTES = 8 << 20  # one ranged GET of a whole-shard fetch
 FETCH_THREADS = 4  # whole-shard parts in flight
 STREAM_BUFFER_BYTES = 4 << 30  # streamed shards held in memory at most, per loader (the
 # read-ahead is less where the host staging budget leaves less)
+
+
+@functools.cache
+def _pread_loop() -> Any:
+    """``pread(2)`` over a run of members, compiled by numba (nogil) when first asked for:
+    one Python call per batch chunk, none per member."""
+    import numba
+
+    libc = ctypes.CDLL(None)
+    pread = libc.pread
+    pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64]
+    pread.restype = ctypes.c_ssize_t
+
+    @numba.njit("int64(int64[::1], int64[::1], int64[::1], int64, int64[::1])", nogil=True)
+    def loop(fds: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, dst: int,
+             starts: np.ndarray) -> int:
+        for k in range(len(fds)):
+            done = 0
+            while done < sizes[k]:
+                got = pread(fds[k], dst + starts[k] + done, sizes[k] - done, offsets[k] + done)
+                if got <= 0:
+                    return k
+                done += got
+        return -1
+
+    return loop
+
+
+def pread_members(fds: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, buf: np.ndarray,
+                  starts: np.ndarray) -> int:
+    """Read member ``k`` (``sizes[k]`` bytes at ``offsets[k]`` of descriptor ``fds[k]``)
+    into ``buf[starts[k]:]``, for every ``k``; -1, or the first ``k`` that came up short
+    (end of file or a read error)."""
+    if not len(fds):
+        return -1
+    return int(_pread_loop()(np.ascontiguousarray(fds, np.int64), offsets, sizes,
+                             buf.ctypes.data, starts))
 
 
 class _Shard(Protocol):
@@ -54,13 +94,14 @@ def _layout(shards: Sequence[_Shard], shard_no: np.ndarray, index: np.ndarray
 
 
 class LocalMembers:
-    """Members read with ``os.preadv`` from the cached tars."""
+    """Members read with ``pread(2)`` from the cached tars."""
 
     remote = False
 
     def __init__(self, shards: Sequence[_Shard]) -> None:
         self.shards = list(shards)
         self.paths = [os.path.join(s.location, TAR_NAME) for s in shards]
+        _pread_loop()  # compiled here, in the main process: forked workers inherit it
         self._fds: dict[int, int] = {}
         self._lock = threading.Lock()
 
@@ -77,11 +118,13 @@ class LocalMembers:
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The members' bytes in one buffer, with each one's start and size in it."""
         offsets, sizes, buf, starts = _layout(self.shards, shard_no, index)
-        view = memoryview(buf)
-        for s, offset, start, size in zip(shard_no.tolist(), offsets.tolist(), starts.tolist(),
-                                          sizes.tolist()):
-            if os.preadv(self._fd(s), [view[start:start + size]], offset) != size:
-                raise OSError(f"{self.paths[s]}: member at {offset} is truncated")
+        fds = np.full(len(self.shards), -1, np.int64)
+        for s in np.unique(shard_no).tolist():
+            fds[s] = self._fd(s)
+        k = pread_members(fds[shard_no], offsets, sizes, buf, starts)
+        if k >= 0:
+            s = int(shard_no[k])
+            raise OSError(f"{self.paths[s]}: member at {offsets[k]} is truncated or unreadable")
         return buf, starts, sizes
 
     def start_epoch(self, shard_map: Any, batches: Sequence[np.ndarray]) -> None:

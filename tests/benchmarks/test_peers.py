@@ -98,6 +98,20 @@ def test_results_rows_fit_the_schema_and_read_back(data: peers.Data, tmp_path: P
     assert set(epochs["run_id"]) == set(runs["run_id"])
 
 
+def test_packed_checks_at_512_px_and_streamed_from_s3(tmp_path: Path) -> None:
+    """Issue 18's two packed ratios, measured on real shards (512 px built here, the 32 px
+    ones streamed from a loopback ``rclone serve s3``); the rates are not asserted."""
+    small = build_data(tmp_path, 200, 2, ("jpeg-q95", "npy", peers.PACKED_FORMAT))
+    notes: list[str] = []
+    found = peers.packed_checks(small, args(samples=200, samples_512=6, no_s3=False), notes,
+                                None)
+    assert [c.name for c in found] == ["packed vs bare decode, 512 px JPEG",
+                                       "packed streamed first epoch vs cached, 32 px"]
+    assert all(c.ratio > 0 and c.limit in (0.9, 0.8) for c in found) and not notes
+    assert peers.packed_checks(small, args(no_s3=True), notes, "no packed loader") == []
+    assert notes == ["packed at 512 px and streamed: not measured (no packed loader)"]
+
+
 PEERS = {
     "webdataset": ("webdataset", lambda d, a: peers_loaders.webdataset_epochs(d, a)),
     "mosaic": ("streaming", lambda d, a: peers_loaders.mosaic_epochs(d, a)),

@@ -1,0 +1,107 @@
+"""The packed loader's compiled loops: JPEG decode runs (libturbojpeg) and member reads
+(``pread``), against Pillow's decode and plain file reads, with their errors."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from node.loaders.packed_io import pread_members
+from node.loaders.turbojpeg import TurboJpeg, compiled_loop, turbojpeg_path
+
+needs_turbo = pytest.mark.skipif(turbojpeg_path() is None,
+                                 reason="no libturbojpeg on this machine")
+
+
+def jpeg_run(n: int, size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray,
+                                                              np.ndarray, list[bytes]]:
+    """``n`` noisy JPEGs in one buffer, with their starts and sizes."""
+    rng = np.random.default_rng(seed)
+    blobs = []
+    for _ in range(n):
+        out = io.BytesIO()
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(out, "JPEG", quality=90)
+        blobs.append(out.getvalue())
+    sizes = np.array([len(b) for b in blobs], np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    return np.frombuffer(b"".join(blobs), np.uint8).copy(), starts, sizes, blobs
+
+
+@needs_turbo
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "python"])
+def test_a_run_decodes_as_pillow_does(compiled: bool) -> None:
+    buf, starts, sizes, blobs = jpeg_run(40)
+    turbo = TurboJpeg(turbojpeg_path(), compiled=compiled)
+    assert turbo.loop == ("numba-compiled loop" if compiled else "Python loop")
+    out = np.zeros((40, 16, 16, 3), np.uint8)
+    try:
+        turbo.decode_many(buf, starts, sizes, out)
+    finally:
+        turbo.close()
+    for k in (0, 17, 39):
+        expected = np.asarray(Image.open(io.BytesIO(blobs[k])).convert("RGB"))
+        np.testing.assert_array_equal(out[k], expected)
+
+
+@needs_turbo
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "python"])
+def test_a_bad_member_is_named(compiled: bool) -> None:
+    buf, starts, sizes, _ = jpeg_run(5)
+    turbo = TurboJpeg(turbojpeg_path(), compiled=compiled)
+    out = np.zeros((5, 16, 16, 3), np.uint8)
+    try:
+        with pytest.raises(ValueError, match=r"member 0 decoded to shape \(16, 16, 3\), the "
+                           r"dataset's images are \(8, 16, 3\)"):
+            turbo.decode_many(buf, starts, sizes, np.zeros((5, 8, 16, 3), np.uint8))
+        broken = buf.copy()
+        broken[starts[2]:starts[2] + 2] = 0  # no SOI marker
+        with pytest.raises(ValueError, match="member 2: not a JPEG"):
+            turbo.decode_many(broken, starts, sizes, out)
+    finally:
+        turbo.close()
+
+
+@needs_turbo
+def test_the_compiled_loop_survives_pickling_and_threads() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert compiled_loop(turbojpeg_path()) is not None  # numba is a dependency
+    buf, starts, sizes, _ = jpeg_run(64)
+    turbo = pickle.loads(pickle.dumps(TurboJpeg(turbojpeg_path())))
+    assert turbo.loop == "numba-compiled loop"
+    one, two = np.zeros((2, 64, 16, 16, 3), np.uint8)
+    turbo.decode_many(buf, starts, sizes, one)
+    with ThreadPoolExecutor(4) as pool:  # one decompressor per thread
+        list(pool.map(lambda lo: turbo.decode_many(buf, starts[lo:lo + 16], sizes[lo:lo + 16],
+                                                   two[lo:lo + 16]), range(0, 64, 16)))
+    turbo.close()
+    np.testing.assert_array_equal(one, two)
+
+
+def test_pread_members_reads_each_member_and_names_a_short_one(tmp_path: Path) -> None:
+    data = np.random.default_rng(1).integers(0, 256, 10_000, dtype=np.uint8)
+    (tmp_path / "a").write_bytes(data.tobytes())
+    (tmp_path / "b").write_bytes(data[::-1].tobytes())
+    fds = [os.open(tmp_path / name, os.O_RDONLY) for name in "ab"]
+    try:
+        which = np.array([fds[0], fds[1], fds[0]], np.int64)
+        offsets = np.array([5, 100, 9_000], np.int64)
+        sizes = np.array([10, 300, 1_000], np.int64)
+        starts = np.array([0, 10, 310], np.int64)
+        buf = np.zeros(1_310, np.uint8)
+        assert pread_members(which, offsets, sizes, buf, starts) == -1
+        np.testing.assert_array_equal(buf[:10], data[5:15])
+        np.testing.assert_array_equal(buf[10:310], data[::-1][100:400])
+        np.testing.assert_array_equal(buf[310:], data[9_000:])
+        sizes[2] = 1_001  # one byte past the end of file "a"
+        assert pread_members(which, offsets, sizes, np.zeros(1_311, np.uint8), starts) == 2
+    finally:
+        for fd in fds:
+            os.close(fd)
