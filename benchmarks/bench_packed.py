@@ -12,7 +12,7 @@ Then, warm page cache, best epoch of several, all in this one run:
 - packed (threads: JPEG decodes in a compiled loop that holds no GIL) vs the same
   reader in DataLoader worker processes (why threads are the default);
 - the first epoch streamed from ``rclone serve s3`` on loopback (``--no-cache``: fresh
-  loader, whole shards fetched ahead) vs the cached copy's best epoch, interleaved.
+  loader, blocks fetched ahead) vs the cached copy's best epoch, interleaved.
 
 ``benchmarks/peers.py`` runs the 512 px and streaming checks too (:func:`check_512`,
 :func:`streaming_check`), on its own data.

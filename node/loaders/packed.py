@@ -12,7 +12,7 @@ image, no stack copy); else torchvision.io. PNG and WebP go through torchvision.
 rest through the codec's own (Pillow) decoder.
 
 JPEG decoded by the compiled loop, streamed shards and large images are read in a pool
-of threads of this process (:class:`PackedThreadLoader`; streaming's whole-shard
+of threads of this process (:class:`PackedThreadLoader`; streaming's block
 read-ahead lives in one process); small images of the other codecs, decoded with
 Python work per image, in DataLoader worker processes (:class:`PackedProcessLoader`).
 Measured here (2 cores, ``benchmarks/bench_packed.py`` times both, interleaved): 32x32
@@ -43,8 +43,13 @@ from torchvision.io import ImageReadMode, decode_jpeg, decode_png, decode_webp
 from node.loaders.base import Batch, LoaderConfig
 from node.loaders.common import BatchReader, HostBatch, WorkerLoader
 from node.loaders.numpy_mmap import _Staging
-from node.loaders.packed_io import FETCH_THREADS, PART_BYTES, STREAM_BUFFER_BYTES, open_source
-from node.loaders.turbojpeg import TurboJpeg, compiled_loop, turbojpeg_path
+from node.loaders.packed_io import (
+    FETCH_THREADS,
+    PART_BYTES,
+    STREAM_BUFFER_BYTES,
+    open_source,
+    stream_schedule,
+)
 from node.loaders.staging import (
     StagingBound,
     batch_bytes,
@@ -52,6 +57,8 @@ from node.loaders.staging import (
     thread_bound,
     with_read_ahead,
 )
+from node.loaders.turbojpeg import TurboJpeg, compiled_loop, turbojpeg_path
+from node.loaders.window import WindowSchedule
 from shared.formats import Format, FormatKind
 from shared.formats.base import is_url
 from shared.formats.wds import TAR_NAME
@@ -180,10 +187,16 @@ class PackedProcessLoader(WorkerLoader):
         return reader
 
 
-def _evidence(reader: PackedBatchReader, where: str) -> str:
+def _evidence(reader: PackedBatchReader, where: str,
+              schedule: WindowSchedule | None = None) -> str:
     how = ("ranged GETs from the store URL" if reader.source.remote
            else "pread(2) of members of the cached tar, in a compiled loop")
-    return f"host: {how} into host memory, decoded by {reader.decoder} in {where}"
+    text = f"host: {how} into host memory, decoded by {reader.decoder} in {where}"
+    if schedule is not None:
+        text += (f"; block-shuffled epochs (blocks of {schedule.half} samples fetched ahead "
+                 "in order; shard order and each block's samples shuffled, not the whole "
+                 "rank)")
+    return text
 
 
 class PackedThreadLoader(PackedProcessLoader):
@@ -196,13 +209,14 @@ class PackedThreadLoader(PackedProcessLoader):
     def __init__(self, config: LoaderConfig) -> None:
         super().__init__(config)
         self._pool: ThreadPoolExecutor | None = None
+        self._schedule: tuple[int, WindowSchedule] | None = None
         self.io_evidence = ""
 
     def resources(self) -> dict[str, int]:
         return {"threads": max(1, self.config.workers), "processes": 0}
 
     def staging_bound(self) -> StagingBound:
-        """:func:`~node.loaders.staging.thread_bound`; streaming adds its whole-shard GETs
+        """:func:`~node.loaders.staging.thread_bound`; streaming adds its block GETs
         in flight and a read-ahead of what the budget leaves, at most
         :data:`~node.loaders.packed_io.STREAM_BUFFER_BYTES` (the reader holds no more)."""
         c = self.config
@@ -231,10 +245,32 @@ class PackedThreadLoader(PackedProcessLoader):
         return host, positions, [self._pool.submit(self._chunk, reader, host, p, shard_no,
                                                    index) for p in parts]
 
+    def _ensure_reader(self) -> PackedBatchReader:
+        if self._reader is None:
+            self._reader = self.make_reader()
+        return self._reader
+
+    def stream_schedule(self, epoch: int) -> WindowSchedule:
+        """A streamed epoch's block order (:func:`node.loaders.packed_io.stream_schedule`)."""
+        if self._schedule is None or self._schedule[0] != epoch:
+            c, reader = self.config, self._ensure_reader()
+            self._schedule = (epoch, stream_schedule(
+                reader.shards, c.shards, batch_size=c.batch_size, seed=c.seed, epoch=epoch,
+                shuffle=c.shuffle))
+        return self._schedule[1]
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """Streamed: the block order, so the epoch starts on its first block; cached: a
+        permutation of the whole rank, as every loader."""
+        if _streams(self.config):
+            return list(self.stream_schedule(epoch).batches)
+        return super().batches(epoch)
+
     def _finish(self, reader: PackedBatchReader, pending: tuple[Any, ...], seq: int,
                 staging: _Staging) -> Batch:
         host, positions, futures = pending
         figures = np.array([f.result() for f in futures], dtype=np.float64).sum(axis=0)
+        reader.source.finished(seq)
         labels = torch.from_numpy(reader.shard_map.labels[positions])
         images, labels, h2d_s = staging.publish(host, labels, seq)
         return Batch(images=images, labels=labels, positions=torch.from_numpy(positions),
@@ -242,15 +278,14 @@ class PackedThreadLoader(PackedProcessLoader):
                      decode_s=float(figures[2]), h2d_s=h2d_s)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        if self._reader is None:
-            self._reader = self.make_reader()
-            where = (f"{self.config.workers} threads" if self.config.workers > 0
-                     else "the main thread")
-            self.io_evidence = _evidence(self._reader, where)
+        reader = self._ensure_reader()
+        where = f"{self.config.workers} threads" if self.config.workers > 0 else "the main thread"
+        schedule = self.stream_schedule(epoch) if reader.source.remote else None
+        self.io_evidence = _evidence(reader, where, schedule)
         if self._pool is None and self.config.workers > 0:
             self._pool = ThreadPoolExecutor(self.config.workers, thread_name_prefix="packed")
-        reader, batches = self._reader, self.batches(epoch)
-        reader.source.start_epoch(reader.shard_map, batches)
+        batches = list(schedule.batches) if schedule is not None else self.batches(epoch)
+        reader.source.start_epoch(reader.shard_map, schedule)
         # Batch seq is submitted only after batch seq - depth - 1 was published, so a
         # ring of depth + 1 pinned slots never refills a slot whose copy is queued.
         depth = 2 if self._pool is not None else 0
@@ -286,7 +321,7 @@ class PackedThreadLoader(PackedProcessLoader):
 class PackedLoader(PackedThreadLoader):
     """Packed shards: threads, but DataLoader workers for small cached non-JPEG images.
 
-    Threads when streaming (its whole-shard read-ahead feeds every batch from one
+    Threads when streaming (its block read-ahead feeds every batch from one
     process), for JPEG in the compiled loop (no GIL held per image), and for images of
     :data:`THREADS_FROM_PIXELS` pixels or more, where a batch split across threads beats
     one batch per worker and its trip through shared memory.

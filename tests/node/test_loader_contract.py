@@ -188,15 +188,26 @@ def expected_bytes(config: LoaderConfig) -> int | None:
     return None
 
 
+def planned(loader: Loader, config: LoaderConfig, epoch: int) -> list[np.ndarray]:
+    """The batches ``loader`` must deliver in ``epoch``: the rank's permutation, except
+    a streamed ``packed`` epoch, which is its block order (shards shuffled, then each
+    block's samples; :func:`node.loaders.packed_io.stream_schedule`)."""
+    from node.loaders.packed import PackedThreadLoader
+
+    if isinstance(loader, PackedThreadLoader) and is_url(config.shards[0].location):
+        return list(loader.stream_schedule(epoch).batches)
+    return epoch_batches(config.num_samples, BATCH, SEED, epoch)
+
+
 def check_epoch(batches: list[Batch], config: LoaderConfig, identities: np.ndarray,
-                epoch: int, lossless: bool, follows_plan: bool = True) -> np.ndarray:
+                plan: list[np.ndarray], lossless: bool, follows_plan: bool = True
+                ) -> np.ndarray:
     """Check one epoch against the contract; returns its positions in delivery order.
 
     ``follows_plan``: the loader batches the epoch's planned positions (a peer's own
     pipeline, ``webdataset``, shuffles its own way: only exactly-once is asked of it).
     """
     n = config.num_samples
-    plan = epoch_batches(n, BATCH, SEED, epoch)
     assert len(batches) == len(plan)
     for batch, planned in zip(batches, plan, strict=True):
         images, labels, positions = batch.images, batch.labels, batch.positions
@@ -242,7 +253,8 @@ def check_contract(case: Case, datasets: dict[tuple[str, bool], str]) -> None:
     try:
         assert len(first) == -(-config.num_samples // BATCH)
         epoch0 = run_epoch(first, 0)
-        order0 = check_epoch(epoch0, config, identities, 0, lossless, follows)
+        order0 = check_epoch(epoch0, config, identities, planned(first, config, 0), lossless,
+                             follows)
         for loader in (first, second):  # what --cold does: nothing of the shards stays mapped
             loader.release()
         shard_files = {os.path.realpath(p) for s in config.shards if not case.url
@@ -252,9 +264,11 @@ def check_contract(case: Case, datasets: dict[tuple[str, bool], str]) -> None:
         assert set(resources) == {"threads", "processes"}
         assert resources["threads"] + resources["processes"] >= 1
         epoch1 = run_epoch(first, 1)  # reopened lazily
-        order1 = check_epoch(epoch1, config, identities, 1, lossless, follows)
+        order1 = check_epoch(epoch1, config, identities, planned(first, config, 1), lossless,
+                             follows)
         assert not np.array_equal(order0, order1), "epochs 0 and 1 came in the same order"
-        again = check_epoch(run_epoch(second, 0), config, identities, 0, lossless, follows)
+        again = check_epoch(run_epoch(second, 0), config, identities,
+                            planned(second, config, 0), lossless, follows)
         assert np.array_equal(order0, again), "the same seed gave a different order"
 
         exact = expected_bytes(config)

@@ -1,6 +1,6 @@
 """The ``packed`` loader beyond the shared contract: cached and streamed runs end to end
-(loopback S3), the whole-shard read-ahead and its ranged-GET fallback, the decoders and
-the DataLoader-process variant."""
+(loopback S3), the streamed epoch's block order, read-ahead and its ranged-GET fallback,
+the decoders and the DataLoader-process variant."""
 
 from __future__ import annotations
 
@@ -116,12 +116,12 @@ def test_streamed_epoch_equals_the_cached_one(packed_s3: Dataset, tmp_path: Path
         source = streamed._reader.source
         assert source.remote
         if buffer_bytes is not None:
-            source.buffer_bytes = buffer_bytes  # no shard fits: every member by a ranged GET
+            source.buffer_bytes = buffer_bytes  # no block fits: every member by a ranged GET
         source.fetched_bytes = 0
         got, got_bytes = epoch_by_position(streamed, 1)
         tar_bytes = sum(f.bytes for r in assign(packed_s3.manifest, FORMAT, "train")
                         for f in r.entry.files)
-        if buffer_bytes is None:  # whole shards, once each
+        if buffer_bytes is None:  # the blocks (here the whole rank: one block), once each
             assert 0.9 * tar_bytes < source.fetched_bytes <= tar_bytes
         else:  # just the members
             assert source.fetched_bytes == got_bytes.sum()
@@ -129,6 +129,47 @@ def test_streamed_epoch_equals_the_cached_one(packed_s3: Dataset, tmp_path: Path
         np.testing.assert_array_equal(got, want1)
         np.testing.assert_array_equal(want, want1)  # same pixels whatever the order
         assert got_bytes.sum() == want_bytes.sum()
+    finally:
+        cached.close()
+        streamed.close()
+
+
+def test_a_streamed_epoch_runs_block_by_block_within_its_read_ahead(
+        packed_s3: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streamed: the epoch is the block schedule (shards in a random order, blocks of at
+    least a batch, each shuffled); blocks are fetched in that order, each once, never
+    more held than the read-ahead, and the first batch comes before the rank has arrived."""
+    from node.loaders import packed_io
+    from node.loaders.window import window_schedule
+
+    monkeypatch.setattr(packed_io, "BLOCK_BYTES", 1)  # blocks of one batch (48 samples)
+    cached_cfg, remote_cfg = configs(packed_s3, tmp_path, FORMAT)
+    cached, streamed = PackedLoader(cached_cfg), PackedLoader(remote_cfg)
+    try:
+        want, _ = epoch_by_position(cached)
+        schedule = streamed.stream_schedule(0)
+        lengths = [len(s) for s in remote_cfg.shards]
+        again = window_schedule(lengths, [s.start for s in remote_cfg.shards], half=48,
+                                batch_size=48, seed=3, epoch=0)
+        assert schedule.half == 48 and len(schedule.blocks) == -(-sum(lengths) // 48)
+        for a, b in zip(schedule.batches, again.batches, strict=True):
+            np.testing.assert_array_equal(a, b)
+        source = streamed._ensure_reader().source
+        plan = packed_io._BlockPlan.of(source.shards, streamed._reader.shard_map, schedule)
+        source.buffer_bytes = budget = int(3 * plan.block_bytes.max())
+        batches = streamed.epoch(0)
+        first = next(batches)
+        assert source.fetched_bytes <= budget < plan.block_bytes.sum()
+        rest = list(batches)
+        positions = [first.positions.numpy(), *(b.positions.numpy() for b in rest)]
+        for got, expected in zip(positions, schedule.batches, strict=True):
+            np.testing.assert_array_equal(got, np.sort(expected))  # the block order
+        images = torch.cat([first.images, *(b.images for b in rest)]).numpy()
+        np.testing.assert_array_equal(images[np.argsort(np.concatenate(positions))], want)
+        assert source.fetched_bytes == plan.block_bytes.sum()  # every block once
+        assert 0 < source.peak_held_bytes <= budget
+        assert "block-shuffled epochs (blocks of 48 samples" in streamed.io_evidence
+        assert streamed.stream_schedule(1).batches[0].tolist() != schedule.batches[0].tolist()
     finally:
         cached.close()
         streamed.close()
@@ -195,7 +236,7 @@ def test_staging_bound_and_stream_read_ahead_within_the_budget(
         packed_s3: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Cached small PNGs: the DataLoader workers' bound; in threads: the ring; streamed:
     the ring, the GETs in flight and a read-ahead of what the budget leaves, which the
-    reader then holds to (whole shards only where they fit, ranged GETs beyond)."""
+    reader then holds to (blocks fetched ahead where two fit, ranged GETs otherwise)."""
     from node.loaders import LoaderUnavailable
     from node.loaders.packed_io import FETCH_THREADS, PART_BYTES, STREAM_BUFFER_BYTES
     from node.loaders.staging import (
@@ -225,7 +266,7 @@ def test_staging_bound_and_stream_read_ahead_within_the_budget(
             assert source.buffer_bytes == bound.read_ahead
             if whole_shards:
                 assert 0.9 * tar_bytes < source.fetched_bytes <= tar_bytes
-            else:  # no shard fits in 1 KiB: just the members, by ranged GETs
+            else:  # no block fits in 1 KiB: just the members, by ranged GETs
                 assert source.fetched_bytes == got_bytes.sum()
         finally:
             streamed.close()
