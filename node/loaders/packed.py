@@ -2,7 +2,7 @@
 
 The shard's index says where each sample's member lies in ``samples.tar``; a batch is
 sorted by shard and offset (and, in threads, split into one chunk per thread); each
-worker or thread reads its members with ``pread(2)`` on the cached tar (or takes them
+worker or thread copies its members out of a memory map of the cached tar (or takes them
 from the store URL, see :mod:`node.loaders.packed_io`) and decodes them straight into
 the batch buffer.
 JPEG goes through libturbojpeg when the system has it: one call per chunk of a batch
@@ -190,7 +190,7 @@ class PackedProcessLoader(WorkerLoader):
 def _evidence(reader: PackedBatchReader, where: str,
               schedule: WindowSchedule | None = None) -> str:
     how = ("ranged GETs from the store URL" if reader.source.remote
-           else "pread(2) of members of the cached tar, in a compiled loop")
+           else "members copied from a memory map of the cached tar, in a compiled loop")
     text = f"host: {how} into host memory, decoded by {reader.decoder} in {where}"
     if schedule is not None:
         text += (f"; block-shuffled epochs (blocks of {schedule.half} samples fetched ahead "

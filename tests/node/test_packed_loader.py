@@ -70,7 +70,7 @@ def test_run_cached_and_streamed(packed_s3: Dataset, tmp_path: Path) -> None:
     assert (cached["loader_threads"], cached["loader_processes"]) == want
     assert (streamed["loader_threads"], streamed["loader_processes"]) == (2, 0)
     assert cached["cache_bytes"] > 0 and streamed["cache_bytes"] == 0
-    assert "pread(2) of members of the cached tar" in cached["io_path_evidence"]
+    assert "copied from a memory map of the cached tar" in cached["io_path_evidence"]
     assert "ranged GETs from the store URL" in streamed["io_path_evidence"]
     assert not (cache / "unused").exists() or not any((cache / "unused").rglob("*.tar"))
     # Both report the first (streamed or cached) epoch's time beside the cache time.

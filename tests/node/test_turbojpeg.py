@@ -1,18 +1,20 @@
 """The packed loader's compiled loops: JPEG decode runs (libturbojpeg) and member reads
-(``pread``), against Pillow's decode and plain file reads, with their errors."""
+(copies out of memory-mapped tars), against Pillow's decode and the files' bytes, with
+their errors."""
 
 from __future__ import annotations
 
 import io
-import os
 import pickle
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from node.loaders.packed_io import pread_members
+from node.loaders.packed_io import LocalMembers
+from shared.formats.wds import TAR_NAME
 from node.loaders.turbojpeg import TurboJpeg, compiled_loop, turbojpeg_path
 
 needs_turbo = pytest.mark.skipif(turbojpeg_path() is None,
@@ -85,23 +87,31 @@ def test_the_compiled_loop_survives_pickling_and_threads() -> None:
     np.testing.assert_array_equal(one, two)
 
 
-def test_pread_members_reads_each_member_and_names_a_short_one(tmp_path: Path) -> None:
+def test_mapped_members_are_copied_out_and_a_truncated_tar_is_named(tmp_path: Path) -> None:
     data = np.random.default_rng(1).integers(0, 256, 10_000, dtype=np.uint8)
-    (tmp_path / "a").write_bytes(data.tobytes())
-    (tmp_path / "b").write_bytes(data[::-1].tobytes())
-    fds = [os.open(tmp_path / name, os.O_RDONLY) for name in "ab"]
+    for name, content in (("a", data), ("b", data[::-1])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / TAR_NAME).write_bytes(content.tobytes())
+
+    class Shard(NamedTuple):
+        location: str
+        offsets: np.ndarray
+        sizes: np.ndarray
+
+    shards = [Shard(str(tmp_path / "a"), np.array([5, 9_000], np.int64),
+                    np.array([10, 1_000], np.int64)),
+              Shard(str(tmp_path / "b"), np.array([100], np.int64), np.array([300], np.int64))]
+    members = LocalMembers(shards)
     try:
-        which = np.array([fds[0], fds[1], fds[0]], np.int64)
-        offsets = np.array([5, 100, 9_000], np.int64)
-        sizes = np.array([10, 300, 1_000], np.int64)
-        starts = np.array([0, 10, 310], np.int64)
-        buf = np.zeros(1_310, np.uint8)
-        assert pread_members(which, offsets, sizes, buf, starts) == -1
+        buf, starts, sizes = members.read(np.array([0, 0, 1]), np.array([0, 1, 0]))
+        assert starts.tolist() == [0, 10, 1_010] and sizes.tolist() == [10, 1_000, 300]
         np.testing.assert_array_equal(buf[:10], data[5:15])
-        np.testing.assert_array_equal(buf[10:310], data[::-1][100:400])
-        np.testing.assert_array_equal(buf[310:], data[9_000:])
-        sizes[2] = 1_001  # one byte past the end of file "a"
-        assert pread_members(which, offsets, sizes, np.zeros(1_311, np.uint8), starts) == 2
+        np.testing.assert_array_equal(buf[10:1_010], data[9_000:])
+        np.testing.assert_array_equal(buf[1_010:], data[::-1][100:400])
+        members.close()  # unmapped; read again, mapped again
+        (tmp_path / "a" / TAR_NAME).write_bytes(data[:9_500].tobytes())
+        with pytest.raises(OSError, match=r"/a/samples.tar: member ending at 10000 is past "
+                                          r"the end of the tar \(9500 bytes\): truncated"):
+            members.read(np.array([0]), np.array([1]))
     finally:
-        for fd in fds:
-            os.close(fd)
+        members.close()
