@@ -283,7 +283,7 @@ def packed_checks(data: Data, args: argparse.Namespace, notes: list[str],
     if args.no_s3:
         notes.append("packed streamed first epoch vs cached: not measured (--no-s3)")
     else:
-        out.append(streaming_check(data.root, "store", data.shards[PACKED_FORMAT], SIZE, 2,
+        out.append(streaming_check(data.root, "store", data.shards[PACKED_FORMAT], SIZE, 3,
                                    timing, PACKED_FORMAT))
     return out
 
