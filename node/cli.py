@@ -25,6 +25,12 @@ def _loader_names() -> list[str]:
     return list(LOADER_SPECS)
 
 
+def _streaming_loaders() -> list[str]:
+    from node.loaders.registry import LOADER_SPECS
+
+    return [name for name in LOADER_SPECS if LOADER_SPECS.get(name).streams]
+
+
 def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the project's errors into one line and the contract's exit code."""
 
@@ -133,7 +139,8 @@ OPTIONS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     "cold": click.option("--cold", is_flag=True,
                          help="Evict the cached files from the page cache before each epoch."),
     "no-cache": click.option("--no-cache", is_flag=True,
-                             help="Read straight from the store (zarr only)."),
+                             help="Read straight from the store, no cache (loaders: "
+                             f"{', '.join(_streaming_loaders())})."),
     "format": click.option("--format", "format_id", required=True, metavar="ID",
                            help="Format id (one of the dataset's formats)."),
     "loader": click.option("--loader", required=True, metavar="NAME",

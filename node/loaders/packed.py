@@ -3,7 +3,7 @@
 The shard's index says where each sample's member lies in ``samples.tar``; a batch is
 sorted by shard and offset (and, in threads, split into one chunk per thread); each
 worker or thread copies its members out of a memory map of the cached tar (or takes them
-from the store URL, see :mod:`node.loaders.packed_io`) and decodes them straight into
+from the store URL, see :mod:`node.loaders.packed_stream`) and decodes them straight into
 the batch buffer.
 JPEG goes through libturbojpeg when the system has it: one call per chunk of a batch
 into a numba-compiled loop that holds no GIL and runs no Python per image
@@ -43,7 +43,7 @@ from torchvision.io import ImageReadMode, decode_jpeg, decode_png, decode_webp
 from node.loaders.base import Batch, LoaderConfig
 from node.loaders.common import BatchReader, HostBatch, WorkerLoader
 from node.loaders.numpy_mmap import _Staging
-from node.loaders.packed_io import (
+from node.loaders.packed_stream import (
     FETCH_THREADS,
     PART_BYTES,
     STREAM_BUFFER_BYTES,
@@ -175,8 +175,8 @@ class PackedProcessLoader(WorkerLoader):
     """The reader in DataLoader worker processes, one whole batch per fetch."""
 
     name: ClassVar[str] = "packed"
-    summary: ClassVar[str] = ("positional reads of tar members (cache) or ranged GETs "
-                              "(streaming), batch decode in threads (JPEG through "
+    summary: ClassVar[str] = ("members copied out of memory-mapped tars (cache) or block "
+                              "GETs (streaming), batch decode in threads (JPEG through "
                               "libturbojpeg in a compiled loop, streaming, large images) "
                               "or DataLoader workers")
 
@@ -218,7 +218,7 @@ class PackedThreadLoader(PackedProcessLoader):
     def staging_bound(self) -> StagingBound:
         """:func:`~node.loaders.staging.thread_bound`; streaming adds its block GETs
         in flight and a read-ahead of what the budget leaves, at most
-        :data:`~node.loaders.packed_io.STREAM_BUFFER_BYTES` (the reader holds no more)."""
+        :data:`~node.loaders.packed_stream.STREAM_BUFFER_BYTES` (the reader holds no more)."""
         c = self.config
         bound = thread_bound(batch_bytes(c.batch_size, c.image_shape), c.workers > 0,
                              pinned=c.device.type == "cuda")
@@ -251,7 +251,7 @@ class PackedThreadLoader(PackedProcessLoader):
         return self._reader
 
     def stream_schedule(self, epoch: int) -> WindowSchedule:
-        """A streamed epoch's block order (:func:`node.loaders.packed_io.stream_schedule`)."""
+        """A streamed epoch's block order (:func:`node.loaders.packed_stream.stream_schedule`)."""
         if self._schedule is None or self._schedule[0] != epoch:
             c, reader = self.config, self._ensure_reader()
             self._schedule = (epoch, stream_schedule(

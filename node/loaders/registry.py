@@ -161,9 +161,9 @@ LOADER_SPECS.register(LoaderSpec(
     "by torchvision.io.decode_jpeg (nvJPEG)"))
 LOADER_SPECS.register(LoaderSpec(
     "packed", "node.loaders.packed:PackedLoader", "cpu", Reads(kinds=("packed",)),
-    "positional reads of tar members (cache) or ranged GETs (streaming), batch decode "
-    "in DataLoader workers (cache) or threads (streaming), libturbojpeg for JPEG where "
-    "present", streams=True))
+    "members copied out of memory-mapped tars (cache) or block GETs (streaming), batch "
+    "decode in threads (JPEG through libturbojpeg in a compiled loop, streaming, large "
+    "images) or DataLoader workers", streams=True))
 LOADER_SPECS.register(LoaderSpec(
     "webdataset", "node.loaders.webdataset_loader:WebDatasetLoader", "cpu",
     Reads(kinds=("packed",)),

@@ -191,7 +191,7 @@ def expected_bytes(config: LoaderConfig) -> int | None:
 def planned(loader: Loader, config: LoaderConfig, epoch: int) -> list[np.ndarray]:
     """The batches ``loader`` must deliver in ``epoch``: the rank's permutation, except
     a streamed ``packed`` epoch, which is its block order (shards shuffled, then each
-    block's samples; :func:`node.loaders.packed_io.stream_schedule`)."""
+    block's samples; :func:`node.loaders.packed_stream.stream_schedule`)."""
     from node.loaders.packed import PackedThreadLoader
 
     if isinstance(loader, PackedThreadLoader) and is_url(config.shards[0].location):

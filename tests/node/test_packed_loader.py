@@ -80,6 +80,44 @@ def test_run_cached_and_streamed(packed_s3: Dataset, tmp_path: Path) -> None:
     assert cached["bytes_read"] == streamed["bytes_read"]
 
 
+def test_matrix_runs_the_packed_formats_and_the_installed_peers(packed_s3: Dataset,
+                                                                tmp_path: Path) -> None:
+    """``node-agent matrix`` pairs every packed format with every loader that reads packed
+    shards and runs here (``packed``; ``webdataset`` where the peers extra is installed;
+    ``dali_packed`` skipped with its reason on a CPU machine), and the report ranks them."""
+    import importlib.util
+
+    results = tmp_path / "results"
+    result = CliRunner().invoke(cli, [
+        "matrix", "--store", packed_s3.store, "--dataset", packed_s3.name,
+        "--cache", str(tmp_path / "cache"), "--results", str(results),
+        "--storage-options", packed_s3.storage_options, "--formats", "wds-jpeg-q95,wds-png",
+        "--epochs", "1", "--max-steps", "2", "--batch-size", "32", "--workers", "1",
+        "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    loaders = ["packed"] + (["webdataset"] if importlib.util.find_spec("webdataset") else [])
+    runs = pd.read_parquet(results / "runs")
+    assert sorted(zip(runs["loader"], runs["format"])) == sorted(
+        (name, fmt) for name in loaders for fmt in ("wds-jpeg-q95", "wds-png"))
+    assert (runs["status"] == "ok").all()
+    if not torch.cuda.is_available():
+        assert "skip dali_packed:" in result.output
+    report = CliRunner().invoke(cli, ["report", "--results", str(results),
+                                      "--out", str(tmp_path / "report")])
+    assert report.exit_code == 0, report.output
+    for name in loaders:
+        assert name in report.output
+
+
+def test_no_cache_help_names_every_streaming_loader() -> None:
+    from node.loaders.registry import LOADER_SPECS
+
+    text = " ".join(CliRunner().invoke(cli, ["run", "--help"]).output.split())
+    streaming = [n for n in LOADER_SPECS if LOADER_SPECS.get(n).streams]
+    assert {"zarr", "packed"} <= set(streaming)
+    assert f"Read straight from the store, no cache (loaders: {', '.join(streaming)})" in text
+
+
 def configs(ds: Dataset, tmp_path: Path, format_id: str, workers: int = 2
             ) -> tuple[LoaderConfig, LoaderConfig]:
     """Loader configs over the train split: cached copy, and streamed from the store."""
@@ -139,10 +177,10 @@ def test_a_streamed_epoch_runs_block_by_block_within_its_read_ahead(
     """Streamed: the epoch is the block schedule (shards in a random order, blocks of at
     least a batch, each shuffled); blocks are fetched in that order, each once, never
     more held than the read-ahead, and the first batch comes before the rank has arrived."""
-    from node.loaders import packed_io
+    from node.loaders import packed_stream
     from node.loaders.window import window_schedule
 
-    monkeypatch.setattr(packed_io, "BLOCK_BYTES", 1)  # blocks of one batch (48 samples)
+    monkeypatch.setattr(packed_stream, "BLOCK_BYTES", 1)  # blocks of one batch (48 samples)
     cached_cfg, remote_cfg = configs(packed_s3, tmp_path, FORMAT)
     cached, streamed = PackedLoader(cached_cfg), PackedLoader(remote_cfg)
     try:
@@ -155,7 +193,7 @@ def test_a_streamed_epoch_runs_block_by_block_within_its_read_ahead(
         for a, b in zip(schedule.batches, again.batches, strict=True):
             np.testing.assert_array_equal(a, b)
         source = streamed._ensure_reader().source
-        plan = packed_io._BlockPlan.of(source.shards, streamed._reader.shard_map, schedule)
+        plan = packed_stream._BlockPlan.of(source.shards, streamed._reader.shard_map, schedule)
         source.buffer_bytes = budget = int(3 * plan.block_bytes.max())
         batches = streamed.epoch(0)
         first = next(batches)
@@ -238,7 +276,7 @@ def test_staging_bound_and_stream_read_ahead_within_the_budget(
     the ring, the GETs in flight and a read-ahead of what the budget leaves, which the
     reader then holds to (blocks fetched ahead where two fit, ranged GETs otherwise)."""
     from node.loaders import LoaderUnavailable
-    from node.loaders.packed_io import FETCH_THREADS, PART_BYTES, STREAM_BUFFER_BYTES
+    from node.loaders.packed_stream import FETCH_THREADS, PART_BYTES, STREAM_BUFFER_BYTES
     from node.loaders.staging import (
         BUDGET_ENV, MIB, batch_bytes, physical_memory, thread_bound, worker_bound)
 
