@@ -16,12 +16,12 @@ of threads of this process (:class:`PackedThreadLoader`; streaming's block
 read-ahead lives in one process); small images of the other codecs, decoded with
 Python work per image, in DataLoader worker processes (:class:`PackedProcessLoader`).
 Measured here (2 cores, ``benchmarks/bench_packed.py`` times both, interleaved): 32x32
-JPEG, 2 threads 125,600-135,500 img/s where 2 workers reached 58,300-65,500 (a batch
+JPEG, 2 threads 125,600-164,700 img/s where 2 workers reached 58,300-77,600 (a batch
 through shared memory costs more than its decode once no GIL is held per image; before
 the loop was compiled, the GIL's few microseconds of Python per image made processes
-faster, up to 1.8x under load); at 512x512 threads reached 0.52-0.62 of the bare decode
-rate where one batch per worker reached 0.26 (few batches per epoch, 200 MB batches
-through shared memory). ``bytes_read`` is the member bytes read; ``read_s`` and
+faster, up to 1.8x under load); at 512x512 threads reach 0.91-0.96 of cores x one core's
+bare decode rate, where one batch per worker reached 0.26 (few batches per epoch, 200 MB
+batches through shared memory). ``bytes_read`` is the member bytes read; ``read_s`` and
 ``decode_s`` are summed over the batch's threads.
 """
 
