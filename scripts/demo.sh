@@ -2,8 +2,10 @@
 # make demo: the whole study end to end on this machine.
 #   1. a CIFAR-10 python archive: $DATA if set, else a small one generated here
 #   2. a local Ray head (loopback, no auth), the conversion submitted with `ray job submit`
-#   3. `node-agent matrix` over every loader this machine can run
-#   4. `node-agent report`: comparison tables, format sizes, charts, a recommendation
+#   3. `node-agent matrix` over every loader this machine can run (packed tars included)
+#   4. the packed tars streamed from the store (`node-agent run --no-cache`), beside
+#      their cached runs, and the loaders alone (`node-agent matrix --bench`)
+#   5. `node-agent report`: comparison tables, format sizes, charts, a recommendation
 # Every long step prints its progress (convert: images and time left; matrix: pairs done
 # and left, time left, a summary table); the demo ends with the path of report.html.
 # The Ray head started here is stopped by its own process group on exit.
@@ -14,11 +16,11 @@ OUT=${DEMO_OUT:-$ROOT/demo-out}
 EPOCHS=${EPOCHS:-2}
 TRAIN=${TRAIN:-2000}   # generated archive: training images (over the 5 batch files)
 TEST=${TEST:-500}
-FORMATS=${FORMATS:-bmp,png,tiff-lzw,jpeg-q95,jpeg-q95-444,jpeg-q75,jp2-lossless,webp-q90,npy,npy-files,hdf5,hdf5-gzip,zarr,zarr-zstd}
+FORMATS=${FORMATS:-bmp,png,tiff-lzw,jpeg-q95,jpeg-q95-444,jpeg-q75,jp2-lossless,webp-q90,npy,npy-files,hdf5,hdf5-gzip,zarr,zarr-zstd,wds-jpeg-q95}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 START=$SECONDS
-step() { echo "demo: [$1/5, $((SECONDS - START)) s] $2"; }
+step() { echo "demo: [$1/6, $((SECONDS - START)) s] $2"; }
 
 step 1 "the dataset"
 if [[ -n "${DATA:-}" ]]; then
@@ -87,11 +89,17 @@ node-agent loaders
 step 3 "train every loader x format pair that runs here (node-agent matrix)"
 node-agent matrix --store "$STORE" --dataset cifar10 --cache "$CACHE" --results "$RESULTS" \
   --epochs "$EPOCHS" --batch-size 128 --workers 2 --model convnet
+if [[ ",$FORMATS," == *",wds-jpeg-q95,"* ]]; then
+  step 4 "stream the packed tars from the store instead of caching (node-agent run --no-cache)"
+  node-agent run --store "$STORE" --dataset cifar10 --format wds-jpeg-q95 --loader packed \
+    --no-cache --cache "$CACHE" --results "$RESULTS" --epochs "$EPOCHS" --batch-size 128 \
+    --workers 2 --model convnet
+fi
 # Loader throughput alone (no model), each step standing in for a 5 ms accelerator step.
-step 4 "loader throughput alone (node-agent matrix --bench)"
+step 5 "loader throughput alone (node-agent matrix --bench)"
 node-agent matrix --bench --emulate-step-ms 5 --store "$STORE" --dataset cifar10 \
   --cache "$CACHE" --results "$RESULTS" --epochs "$EPOCHS" --batch-size 128 --workers 2
-step 5 "the report (node-agent report)"
+step 6 "the report (node-agent report)"
 node-agent report --results "$RESULTS" --out "$OUT/report"
 echo "demo: done in $((SECONDS - START)) s; tables, CSV and charts are in $OUT/report"
 if [[ -f "$OUT/report/report.html" ]]; then

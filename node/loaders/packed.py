@@ -43,6 +43,7 @@ from torchvision.io import ImageReadMode, decode_jpeg, decode_png, decode_webp
 from node.loaders.base import Batch, LoaderConfig
 from node.loaders.common import BatchReader, HostBatch, WorkerLoader
 from node.loaders.numpy_mmap import _Staging
+from node.loaders.packed_io import _gather_loop
 from node.loaders.packed_stream import (
     FETCH_THREADS,
     PART_BYTES,
@@ -179,6 +180,10 @@ class PackedProcessLoader(WorkerLoader):
                               "GETs (streaming), batch decode in threads (JPEG through "
                               "libturbojpeg in a compiled loop, streaming, large images) "
                               "or DataLoader workers")
+
+    def __init__(self, config: LoaderConfig) -> None:
+        super().__init__(config)
+        _compile_loops(config.fmt)
 
     def make_reader(self) -> PackedBatchReader:
         # Streamed shards are read ahead as far as the staging budget leaves room.
@@ -352,6 +357,15 @@ class PackedLoader(PackedThreadLoader):
             PackedThreadLoader.release(self)
         else:
             WorkerLoader.release(self)
+
+
+def _compile_loops(fmt: Format) -> None:
+    """Compile the numba loops the reader will call now, when the loader is built (once
+    per process, about half a second), so a first epoch times loading, not the compiler;
+    the run's total time still holds it."""
+    _gather_loop()
+    if getattr(fmt, "codec", None) is not None:
+        _compiled_jpeg(fmt)
 
 
 def _compiled_jpeg(fmt: Format) -> bool:
