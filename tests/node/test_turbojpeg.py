@@ -115,3 +115,31 @@ def test_mapped_members_are_copied_out_and_a_truncated_tar_is_named(tmp_path: Pa
             members.read(np.array([0]), np.array([1]))
     finally:
         members.close()
+
+
+@pytest.mark.parametrize("options", [
+    {"progressive": True},
+    {"exif": b"Exif\x00\x00" + bytes(2_000)},  # an APP1 segment before the frame
+    {"optimize": True, "subsampling": 0},
+    {"quality": 50, "dpi": (300, 300), "comment": b"x" * 500},
+], ids=["progressive", "exif", "optimized-444", "jfif-comment"])
+def test_frame_size_walks_every_segment_pillow_writes(options: dict) -> None:
+    from node.loaders.turbojpeg import frame_size
+
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", **options)
+    data = np.frombuffer(out.getvalue(), np.uint8)
+    padded = np.concatenate([np.zeros(7, np.uint8), data])  # a member inside a tar
+    assert frame_size(padded, 7, len(data)) == (24, 40)
+    assert frame_size(padded, 7, 40) == (-1, -1)  # cut before its frame header
+    assert frame_size(np.zeros(64, np.uint8), 0, 64) == (-1, -1)
+    if turbojpeg_path() is not None:
+        turbo = TurboJpeg(turbojpeg_path())
+        got = np.zeros((1, 24, 40, 3), np.uint8)
+        try:
+            turbo.decode_many(padded, np.array([7]), np.array([len(data)]), got)
+        finally:
+            turbo.close()
+        np.testing.assert_array_equal(got[0], np.asarray(Image.open(out).convert("RGB")))
