@@ -289,7 +289,7 @@ class PackedThreadLoader(PackedProcessLoader):
         self.io_evidence = _evidence(reader, where, schedule)
         if self._pool is None and self.config.workers > 0:
             self._pool = ThreadPoolExecutor(self.config.workers, thread_name_prefix="packed")
-        batches = list(schedule.batches) if schedule is not None else self.batches(epoch)
+        batches = self.batches(epoch)  # streamed: the same schedule, cached per epoch
         reader.source.start_epoch(reader.shard_map, schedule)
         # Batch seq is submitted only after batch seq - depth - 1 was published, so a
         # ring of depth + 1 pinned slots never refills a slot whose copy is queued.

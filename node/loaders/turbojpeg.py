@@ -75,8 +75,6 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.tjGetErrorStr2.restype = ctypes.c_char_p
     lib.tjGetErrorStr2.argtypes = [ctypes.c_void_p]
     ptr, c_int = ctypes.c_void_p, ctypes.c_int
-    lib.tjDecompressHeader3.argtypes = [ptr, ptr, ctypes.c_ulong, ptr, ptr, ptr, ptr]
-    lib.tjDecompressHeader3.restype = c_int
     lib.tjDecompress2.argtypes = [ptr, ptr, ctypes.c_ulong, ptr, c_int, c_int, c_int, c_int,
                                   c_int]
     lib.tjDecompress2.restype = c_int
